@@ -156,9 +156,7 @@ class ModelConfig:
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named size (``tiny``, ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``)."""
         if name not in MODEL_PRESETS:
-            raise ConfigError(
-                f"unknown model size {name!r} (allowed: {', '.join(MODEL_PRESETS)})"
-            )
+            raise ConfigError(f"unknown model size {name!r} (allowed: {', '.join(MODEL_PRESETS)})")
         return from_mapping(cls, {**MODEL_PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:

@@ -171,13 +171,11 @@ class GPT(nn.Module):
         ``targets`` are the next tokens (already shifted); ``-1`` marks positions not scored.
         With ``kv_cache``, ``idx`` holds only the new positions, which start at ``kv_cache.pos``.
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         start = kv_cache.pos if kv_cache is not None else 0
         limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
         if start + T > limit:
-            raise ValueError(
-                f"sequence of {start + T} positions exceeds the context of {limit}"
-            )
+            raise ValueError(f"sequence of {start + T} positions exceeds the context of {limit}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
@@ -231,7 +229,12 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
 
 HF_HUB_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Linear layers that HF stores as Conv1D, i.e. with the weight transposed to (in, out).
-_TRANSPOSED = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+_TRANSPOSED = (
+    ".attn.c_attn.weight",
+    ".attn.c_proj.weight",
+    ".mlp.c_fc.weight",
+    ".mlp.c_proj.weight",
+)
 # Non-parameter buffers older HF checkpoints carry.
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -305,9 +308,7 @@ def _resolve_hf_source(source: str | os.PathLike[str]) -> Path:
             from huggingface_hub import snapshot_download
 
             return Path(
-                snapshot_download(
-                    repo_id=name, allow_patterns=["config.json", "model.safetensors"]
-                )
+                snapshot_download(repo_id=name, allow_patterns=["config.json", "model.safetensors"])
             )
         except Exception as e:  # offline, unknown repo, auth: all one message for the user
             raise WeightsError(
@@ -315,7 +316,9 @@ def _resolve_hf_source(source: str | os.PathLike[str]) -> Path:
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                 "offline, pass a local folder holding config.json and model.safetensors"
             ) from None
-    raise WeightsError(f"no such model folder: {name} (or a hub id such as {', '.join(HF_HUB_IDS)})")
+    raise WeightsError(
+        f"no such model folder: {name} (or a hub id such as {', '.join(HF_HUB_IDS)})"
+    )
 
 
 def load_hf_gpt2(source: str | os.PathLike[str], dropout: float = 0.0) -> GPT:

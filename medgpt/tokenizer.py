@@ -71,7 +71,9 @@ def _build(vocab_dir: str) -> tiktoken.Encoding:
     )
 
 
-def get_tokenizer(name: str = TOKENIZER_NAME, vocab_dir: str | Path | None = None) -> tiktoken.Encoding:
+def get_tokenizer(
+    name: str = TOKENIZER_NAME, vocab_dir: str | Path | None = None
+) -> tiktoken.Encoding:
     """The GPT-2 encoding (cached per process). Only ``gpt2`` is supported."""
     if name != TOKENIZER_NAME:
         raise TokenizerError(f"unknown tokenizer {name!r} (allowed: {TOKENIZER_NAME})")
