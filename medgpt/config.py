@@ -38,6 +38,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+                # The value clearly means this dataclass: its own error is the useful one.
+                return _coerce(value, arg, key)
             try:
                 return _coerce(value, arg, key)
             except ConfigError:
@@ -97,7 +100,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as e:
         if prefix:
-            raise ConfigError(f"{prefix}{e}") from None
+            raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
         raise
 
 

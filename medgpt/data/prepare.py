@@ -1,0 +1,366 @@
+"""Corpus → token shards: read, clean, deduplicate, split by document, tokenize, shard.
+
+Output folder::
+
+    OUT/train_0000.bin ...   uint16 little-endian GPT-2 token ids, ``shard_tokens`` per file
+    OUT/val_0000.bin ...
+    OUT/manifest.json        recipe, counts per split and per source, shard sha256, content hash
+
+Every document is preceded by GPT-2's end-of-text token, so the stream starts with EOT and
+documents never run into each other. The split is decided per document from a seeded hash of
+its split group (or its text), so it is deterministic, streams, and never puts the same
+document in both splits. Memory stays bounded: documents are processed in small batches and
+shards are written incrementally; only the deduplication set (16 bytes of hash per kept
+document) grows with the corpus.
+
+Writes are atomic: shards go to a staging folder inside OUT, and ``manifest.json`` is renamed
+into place last, so an interrupted run leaves no manifest (and the next run sweeps the
+staging folder). The same inputs and recipe give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medgpt.config import ConfigError, from_mapping
+from medgpt.data.sources import Document, SourceSpec, read_source
+from medgpt.errors import DataError
+from medgpt.tokenizer import EOT_ID, N_VOCAB, TOKENIZER_NAME, get_tokenizer
+
+MANIFEST = "manifest.json"
+FORMAT = "medgpt-token-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits
+_STAGING_PREFIX = ".staging-"
+_SHARD_RE = re.compile(r"^(train|val)_\d{4,}\.bin$")
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """What ``medgpt prepare`` builds. ``sources`` entries are URIs or SourceSpec mappings."""
+
+    sources: list[SourceSpec | str]
+    out: str
+    val_fraction: float = 0.05
+    seed: int = 1337
+    shard_tokens: int = 50_000_000  # 100 MB per shard
+    dedupe: bool = True
+    workers: int = 0  # tokenizer threads; 0 = one per core
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.sources = [SourceSpec(uri=s) if isinstance(s, str) else s for s in self.sources]
+        if not self.sources:
+            raise ConfigError("sources: give at least one source")
+        if not self.out:
+            raise ConfigError("out: must name an output folder")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1:
+            raise ConfigError(f"shard_tokens: must be >= 1, got {self.shard_tokens}")
+        if self.workers < 0:
+            raise ConfigError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
+
+    @property
+    def specs(self) -> list[SourceSpec]:
+        return [s for s in self.sources if isinstance(s, SourceSpec)]
+
+    def recipe(self) -> dict[str, Any]:
+        """Everything that determines the output besides the input files' contents."""
+        return {
+            "tokenizer": TOKENIZER_NAME,
+            "sources": [dataclasses.asdict(s) for s in self.specs],
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            "shard_tokens": self.shard_tokens,
+            "dedupe": self.dedupe,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrepareConfig:
+        return from_mapping(cls, data)
+
+
+_HSPACE = re.compile(r"[^\S\n]+")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """Normalise whitespace: unify newlines, collapse runs of spaces/tabs (including leading
+    indentation, which in XML/HTML-derived text is markup, not content) to one space, and keep
+    at most one blank line between paragraphs."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = (_HSPACE.sub(" ", line).strip() for line in text.split("\n"))
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
+
+
+def split_of(key: str, seed: int, val_fraction: float) -> str:
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2**64 < val_fraction else "train"
+
+
+class _ShardWriter:
+    """Appends tokens of one split to fixed-size shard files, hashing as it writes."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int) -> None:
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._file = None
+        self._hash = hashlib.sha256()
+        self._in_shard = 0
+        self.tokens = 0
+
+    def _open_next(self) -> None:
+        name = f"{self.split}_{len(self.shards):04d}.bin"
+        self._file = open(self.folder / name, "wb")  # noqa: SIM115 - closed in _close
+        self._hash = hashlib.sha256()
+        self._in_shard = 0
+        self.shards.append({"file": name, "tokens": 0, "sha256": ""})
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self.shards[-1].update(tokens=self._in_shard, sha256=self._hash.hexdigest())
+
+    def write(self, tokens: np.ndarray) -> None:
+        pos = 0
+        while pos < len(tokens):
+            if self._file is None or self._in_shard == self.shard_tokens:
+                self._close()
+                self._open_next()
+            take = min(len(tokens) - pos, self.shard_tokens - self._in_shard)
+            chunk = tokens[pos : pos + take].tobytes()
+            assert self._file is not None
+            self._file.write(chunk)
+            self._hash.update(chunk)
+            self._in_shard += take
+            self.tokens += take
+            pos += take
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+
+def _batched(
+    docs: Iterable[tuple[Document, str]], size: int
+) -> Iterator[list[tuple[Document, str]]]:
+    batch: list[tuple[Document, str]] = []
+    for item in docs:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check_out_dir(out: Path, cfg: PrepareConfig) -> dict[str, Any] | None:
+    """Refuse an output folder holding something else; return its manifest if it has one."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
+    if not out.exists():
+        return None
+    for stale in out.glob(f"{_STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
+    manifest_path = out / MANIFEST
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name != MANIFEST and not _SHARD_RE.match(p.name) and not p.name.startswith(".")
+    )
+    if not manifest_path.exists():
+        if foreign or any(_SHARD_RE.match(p.name) for p in out.iterdir()):
+            raise DataError(
+                f"--out {out} is not empty and holds no {MANIFEST} "
+                f"(found {', '.join(foreign[:3]) or 'shards without a manifest'}); "
+                "choose an empty or new folder"
+            )
+        return None
+    if foreign:
+        raise DataError(
+            f"--out {out} holds files that are not part of a dataset: {', '.join(foreign[:3])}"
+        )
+    try:
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"{manifest_path}: unreadable manifest ({e}); remove the folder or pass --overwrite"
+        ) from None
+    if old.get("recipe") != cfg.recipe() and not cfg.overwrite:
+        diff = [k for k in cfg.recipe() if (old.get("recipe") or {}).get(k) != cfg.recipe()[k]]
+        raise DataError(
+            f"--out {out} already holds a different dataset (recipe differs in: "
+            f"{', '.join(diff) or 'format'}); choose another folder or pass --overwrite"
+        )
+    return old
+
+
+def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Build the token shards and manifest described by ``cfg``; returns the manifest."""
+    out = Path(cfg.out)
+    old_manifest = _check_out_dir(out, cfg)
+    created_out = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
+    started = time.perf_counter()
+    try:
+        manifest = _build(cfg, staging, progress)
+        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        if (
+            old_manifest is not None
+            and old_manifest.get("content_hash") == manifest["content_hash"]
+        ):
+            shutil.rmtree(staging)
+            manifest["_status"] = "unchanged"
+        else:
+            if old_manifest is not None and not cfg.overwrite:
+                raise DataError(
+                    f"--out {out} already holds a dataset built from different input "
+                    f"(content hash {old_manifest.get('content_hash', '?')[:12]} != "
+                    f"{manifest['content_hash'][:12]}); choose another folder or pass --overwrite"
+                )
+            _install(staging, out, manifest_bytes)
+            manifest["_status"] = "written"
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_out and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    manifest["_seconds"] = time.perf_counter() - started
+    return manifest
+
+
+def _install(staging: Path, out: Path, manifest_bytes: bytes) -> None:
+    # Manifest first out, last in: at every instant either no manifest or a complete dataset.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if _SHARD_RE.match(p.name):
+            p.unlink()
+    for p in sorted(staging.iterdir()):
+        os.replace(p, out / p.name)
+    tmp = staging / MANIFEST
+    tmp.write_bytes(manifest_bytes)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+    staging.rmdir()
+
+
+def _build(cfg: PrepareConfig, folder: Path, progress: bool | None) -> dict[str, Any]:
+    enc = get_tokenizer()
+    writers = {s: _ShardWriter(folder, s, cfg.shard_tokens) for s in SPLITS}
+    per_source: dict[str, dict[str, dict[str, int]]] = defaultdict(
+        lambda: {s: {"documents": 0, "tokens": 0} for s in SPLITS}
+    )
+    dropped = {"empty": 0, "duplicate": 0}
+    seen: set[bytes] = set()
+    read = 0
+
+    def kept() -> Iterator[tuple[Document, str]]:
+        nonlocal read
+        for spec in cfg.specs:
+            for doc in read_source(spec):
+                read += 1
+                text = clean_text(doc.text)
+                if not text:
+                    dropped["empty"] += 1
+                    continue
+                if cfg.dedupe:
+                    h = hashlib.blake2b(text.encode(), digest_size=16).digest()
+                    if h in seen:
+                        dropped["duplicate"] += 1
+                        continue
+                    seen.add(h)
+                key = doc.group if doc.group is not None else text
+                yield (
+                    Document(text, doc.source, doc.group),
+                    split_of(key, cfg.seed, cfg.val_fraction),
+                )
+
+    def encode(batch: list[tuple[Document, str]]) -> list[np.ndarray]:
+        # tiktoken releases the GIL while encoding, so threads tokenize in parallel.
+        out = []
+        for doc, _ in batch:
+            ids = enc.encode_ordinary(doc.text)
+            arr = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
+            arr[0] = EOT_ID
+            arr[1:] = ids
+            out.append(arr)
+        return out
+
+    workers = cfg.workers or os.cpu_count() or 1
+    bar = tqdm(unit=" docs", desc="tokenizing", disable=None if progress is None else not progress)
+    pending: list[tuple[list[tuple[Document, str]], Future[list[np.ndarray]]]] = []
+
+    def drain(block_until: int) -> None:
+        while len(pending) > block_until:
+            batch, fut = pending.pop(0)
+            for (doc, split), arr in zip(batch, fut.result(), strict=True):
+                writers[split].write(arr)
+                stats = per_source[doc.source][split]
+                stats["documents"] += 1
+                stats["tokens"] += len(arr)
+            bar.update(len(batch))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for batch in _batched(kept(), 256):
+                pending.append((batch, pool.submit(encode, batch)))
+                drain(2 * workers)  # bounded: at most 2 batches per thread in flight
+            drain(0)
+        finally:
+            bar.close()
+            for _, fut in pending:
+                fut.cancel()
+    splits = {}
+    for s in SPLITS:
+        shards = writers[s].finish()
+        docs = sum(v[s]["documents"] for v in per_source.values())
+        splits[s] = {"documents": docs, "tokens": writers[s].tokens, "shards": shards}
+    total_docs = sum(splits[s]["documents"] for s in SPLITS)
+    names = ", ".join(s.uri for s in cfg.specs)
+    if total_docs == 0:
+        raise DataError(
+            f"empty corpus: no documents in {names} "
+            f"(read {read}, dropped {dropped['empty']} empty and {dropped['duplicate']} duplicate)"
+        )
+    for s in SPLITS:
+        if splits[s]["documents"] == 0:
+            raise DataError(
+                f"the {s} split got no documents out of {total_docs} "
+                f"(val_fraction {cfg.val_fraction}); add documents or change --val-fraction"
+            )
+    content = hashlib.sha256()
+    for s in SPLITS:
+        for shard in splits[s]["shards"]:
+            content.update(f"{shard['file']} {shard['tokens']} {shard['sha256']}\n".encode())
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"name": TOKENIZER_NAME, "n_vocab": N_VOCAB, "eot": EOT_ID},
+        "dtype": "uint16",
+        "recipe": cfg.recipe(),
+        "splits": splits,
+        "per_source": {k: per_source[k] for k in sorted(per_source)},
+        "documents_read": read,
+        "dropped": dropped,
+        "content_hash": content.hexdigest(),
+    }
