@@ -90,7 +90,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted(str(k) for k in set(data) - fields)
     if unknown:
         raise ConfigError(
             f"unknown key {prefix}{unknown[0]!s} (allowed: {', '.join(sorted(fields))})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -242,6 +243,8 @@ _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 def model_config_from_hf(hf: dict[str, Any], dropout: float = 0.0) -> ModelConfig:
     """Map a Hugging Face ``GPT2Config`` dict onto ModelConfig, refusing variants we don't run."""
+    if not isinstance(hf, dict):
+        raise WeightsError(f"config.json: expected a JSON object, got {type(hf).__name__}")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise WeightsError(f"config.json: model_type {hf.get('model_type')!r} is not 'gpt2'")
     act = hf.get("activation_function", "gelu_new")
@@ -250,21 +253,18 @@ def model_config_from_hf(hf: dict[str, Any], dropout: float = 0.0) -> ModelConfi
             f"config.json: activation_function {act!r} is not supported "
             f"(allowed: {', '.join(_TANH_GELUS)})"
         )
-    n_embd = hf.get("n_embd", 768)
-    if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise WeightsError(f"config.json: n_inner {hf['n_inner']} is not 4 * n_embd")
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if hf.get(flag):
             raise WeightsError(f"config.json: {flag}=true is not supported")
     if hf.get("scale_attn_weights", True) is not True:
         raise WeightsError("config.json: scale_attn_weights=false is not supported")
     try:
-        return from_mapping(
+        config = from_mapping(
             ModelConfig,
             {
                 "n_layer": hf.get("n_layer", 12),
                 "n_head": hf.get("n_head", 12),
-                "n_embd": n_embd,
+                "n_embd": hf.get("n_embd", 768),
                 "block_size": hf.get("n_positions", 1024),
                 "vocab_size": hf.get("vocab_size", 50257),
                 "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
@@ -273,6 +273,9 @@ def model_config_from_hf(hf: dict[str, Any], dropout: float = 0.0) -> ModelConfi
         )
     except ConfigError as e:
         raise WeightsError(f"config.json: {e}") from None
+    if hf.get("n_inner") not in (None, 4 * config.n_embd):
+        raise WeightsError(f"config.json: n_inner {hf['n_inner']} is not 4 * n_embd")
+    return config
 
 
 def _read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -283,6 +286,8 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         hf_config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise WeightsError(f"{cfg_path}: expected a JSON object, got {type(hf_config).__name__}")
     st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
     try:
         if st.is_file():
@@ -292,8 +297,14 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
             state = torch.load(pt, map_location="cpu", weights_only=True)
         else:
             raise WeightsError(f"{folder}: neither model.safetensors nor pytorch_model.bin")
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise WeightsError(f"{folder}: cannot read weights ({str(e).splitlines()[0]})") from None
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        name = st.name if st.is_file() else pt.name
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"{folder / name}: cannot read weights ({first})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsError(f"{folder}: the weights file does not hold a name -> tensor mapping")
     return hf_config, state
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import json
 from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
-import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from medgpt.errors import TokenizerError
@@ -40,28 +40,45 @@ def default_vocab_dir() -> Path:
         ) from None
 
 
-def _checked(path: Path, expected: str) -> str:
-    if not path.is_file():
-        raise TokenizerError(f"GPT-2 vocabulary file missing: {path}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+def _checked(path: Path, expected: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise TokenizerError(f"GPT-2 vocabulary file missing: {path}") from None
+    digest = hashlib.sha256(data).hexdigest()
     if digest != expected:
         raise TokenizerError(
             f"GPT-2 vocabulary file altered: {path} has sha256 {digest}, expected {expected}"
         )
-    return str(path)
+    return data
+
+
+def _printable_byte_chars() -> dict[str, int]:
+    """GPT-2's encoder.json spells each byte as a visible character: bytes that are printable
+    Latin-1 stand for themselves, the other 68 are shifted to code points 256, 257, ... in
+    byte order. Returns character -> byte."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    mapping = {chr(b): b for b in visible}
+    shifted = (b for b in range(256) if b not in set(visible))
+    for i, b in enumerate(shifted):
+        mapping[chr(256 + i)] = b
+    return mapping
 
 
 @lru_cache(maxsize=4)
 def _build(vocab_dir: str) -> tiktoken.Encoding:
     d = Path(vocab_dir)
-    bpe = _checked(d / "vocab.bpe", VOCAB_BPE_SHA256)
-    enc_json = _checked(d / "encoder.json", ENCODER_JSON_SHA256)
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=bpe,
-        encoder_json_file=enc_json,
-        vocab_bpe_hash=VOCAB_BPE_SHA256,
-        encoder_json_hash=ENCODER_JSON_SHA256,
-    )
+    # Both files are verified; the ranks come from encoder.json, whose ids are GPT-2's merge
+    # ranks. Parsing here (rather than through tiktoken.load) avoids tiktoken's file cache,
+    # which writes into TIKTOKEN_CACHE_DIR and fails when that is unwritable.
+    _checked(d / "vocab.bpe", VOCAB_BPE_SHA256)
+    encoder = json.loads(_checked(d / "encoder.json", ENCODER_JSON_SHA256))
+    to_byte = _printable_byte_chars()
+    ranks = {
+        bytes(to_byte[c] for c in token): rank
+        for token, rank in encoder.items()
+        if token != EOT_TOKEN
+    }
     return tiktoken.Encoding(
         name=TOKENIZER_NAME,
         explicit_n_vocab=N_VOCAB,

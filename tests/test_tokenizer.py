@@ -80,9 +80,7 @@ def _random_string(rng: random.Random) -> str:
             parts.append(rng.choice(_WHITESPACE))
         elif roll < 0.25:
             # ZWJ emoji sequence / base + combining marks
-            parts.append(
-                rng.choice(["👩\u200d⚕️", "e\u0301", "a\u0308\u0323", "🏳️\u200d🌈", "👍🏽"])
-            )
+            parts.append(rng.choice(["👩\u200d⚕️", "e\u0301", "a\u0308\u0323", "🏳️\u200d🌈", "👍🏽"]))
         else:
             lo, hi = rng.choice(_RANGES)
             cp = rng.randint(lo, hi)
@@ -237,3 +235,27 @@ def test_matches_transformers_gpt2_tokenizer(tmp_path: Path) -> None:
     assert hf.encode(MEDICAL_PARAGRAPH) == ours
     for s in [*MEDICAL_STRINGS, "Hello world", *_random_strings(30, seed=99)]:
         assert hf.encode(s) == enc.encode(s), s
+
+
+def test_unusable_tiktoken_cache_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {
+        **os.environ,
+        "TIKTOKEN_CACHE_DIR": str(blocker / "cache"),  # under a file: cannot be created
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    code = (
+        "from medgpt.errors import TokenizerError\n"
+        "from medgpt.tokenizer import get_tokenizer\n"
+        "try:\n"
+        "    print(get_tokenizer().encode('Hello world'))\n"
+        "except TokenizerError as e:\n"
+        "    print('TokenizerError', e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    # The tokenizer never touches tiktoken's file cache, so an unusable one changes nothing.
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[15496, 995]", proc.stdout

@@ -1,0 +1,624 @@
+"""The GPT module: HF GPT-2 parity both ways, loss, KV cache, parameter/FLOP counts, load errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medgpt.config import ModelConfig
+from medgpt.errors import MedgptError, WeightsError
+from medgpt.model import (
+    GPT,
+    KVCache,
+    count_params,
+    flops_per_token,
+    load_hf_gpt2,
+    save_hf_gpt2,
+)
+
+transformers = pytest.importorskip("transformers")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+N_LAYER, N_HEAD, N_EMBD, BLOCK = 2, 2, 32, 64
+VOCAB = 50257
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = {"n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": N_EMBD, "block_size": BLOCK}
+    return ModelConfig(**{**base, **overrides})
+
+
+def _randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter non-trivial values: default inits leave biases at 0 and LayerNorm
+    at (1, 0), which would hide a bias or LayerNorm mapping mistake."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if ".ln_" in name or name.startswith(("ln_", "transformer.ln_")):
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+    return model
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return _randomize_(GPT(tiny_config(**overrides)), seed).eval()
+
+
+def hf_tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        n_layer=N_LAYER,
+        n_head=N_HEAD,
+        n_embd=N_EMBD,
+        n_positions=BLOCK,
+        vocab_size=VOCAB,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(cfg)
+    _randomize_(model.transformer, seed)  # lm_head is tied to wte
+    return model.eval()
+
+
+def random_ids(batch: int = 2, length: int = BLOCK, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def _subprocess_env(**extra: str) -> dict[str, str]:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": pythonpath, **extra}
+
+
+# --- HF parity ---------------------------------------------------------------------------
+
+
+def test_load_hf_safetensors_parity(tmp_path: Path) -> None:
+    hf = hf_tiny()
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    ours = load_hf_gpt2(tmp_path).eval()
+    assert ours.config.n_layer == N_LAYER and ours.config.block_size == BLOCK
+    assert ours.config.vocab_size == VOCAB
+    ids = random_ids()
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got, _ = ours(ids)
+    assert got.shape == (2, BLOCK, VOCAB)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert expected.std().item() > 0.1  # the comparison is not between two near-zero tensors
+
+
+def test_load_hf_pytorch_bin_parity(tmp_path: Path) -> None:
+    hf = hf_tiny(seed=1)
+    hf.save_pretrained(tmp_path, safe_serialization=False)
+    if not (tmp_path / "pytorch_model.bin").is_file():
+        # transformers 5 ignores safe_serialization=False: write the .bin by hand.
+        for p in tmp_path.iterdir():
+            if p.name != "config.json":
+                p.unlink()
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    assert not (tmp_path / "model.safetensors").exists()
+    ours = load_hf_gpt2(tmp_path).eval()
+    ids = random_ids(seed=1)
+    with torch.no_grad():
+        diff = (ours(ids)[0] - hf(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_export_round_trip(tmp_path: Path) -> None:
+    model = tiny_gpt(seed=2)
+    out = save_hf_gpt2(model, tmp_path / "export")
+    assert out == tmp_path / "export"
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+    }
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    ids = random_ids(seed=2)
+    with torch.no_grad():
+        expected, _ = model(ids)
+        diff = (hf(ids).logits - expected).abs().max().item()
+    assert diff <= 1e-4
+    # ...and back again into our module, bit for bit.
+    again = load_hf_gpt2(out)
+    for (n1, t1), (n2, t2) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        assert n1 == n2
+        assert torch.equal(t1, t2), n1
+
+
+def test_export_tokenizer(tmp_path: Path) -> None:
+    out = save_hf_gpt2(tiny_gpt(), tmp_path / "export")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.eos_token_id == 50256
+
+
+def test_export_refuses_non_empty_folder(tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(WeightsError) as exc:
+        save_hf_gpt2(tiny_gpt(), out)
+    assert str(out) in str(exc.value)
+    assert "overwrite" in str(exc.value)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp dir left behind
+
+    # overwrite=True replaces the folder as a whole.
+    save_hf_gpt2(tiny_gpt(), out, overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_into_empty_existing_folder(tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    out.mkdir()
+    save_hf_gpt2(tiny_gpt(), out)
+    assert (out / "config.json").is_file()
+
+
+def test_export_bias_false_refused(tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    with pytest.raises(WeightsError, match="bias"):
+        save_hf_gpt2(tiny_gpt(bias=False), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- loss ----------------------------------------------------------------------------------
+
+
+def test_loss_matches_cross_entropy_by_hand() -> None:
+    model = tiny_gpt(seed=3)
+    x = random_ids(2, 16, seed=3)
+    y = random_ids(2, 16, seed=4)
+    logits, loss = model(x, y)
+    assert loss is not None and loss.ndim == 0
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    by_hand = -logp.gather(-1, y.unsqueeze(-1)).mean()
+    assert abs(loss.item() - by_hand.item()) < 1e-5
+    assert torch.allclose(loss, F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1)))
+    # Without targets: no loss, same logits.
+    logits2, loss2 = model(x)
+    assert loss2 is None
+    assert torch.equal(logits, logits2)
+
+
+def test_loss_ignores_minus_one() -> None:
+    model = tiny_gpt(seed=3)
+    x = random_ids(2, 16, seed=3)
+    y = random_ids(2, 16, seed=4)
+    y_masked = y.clone()
+    y_masked[0, :5] = -1
+    y_masked[1, 10:] = -1
+    logits, loss = model(x, y_masked)
+    keep = y_masked != -1
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    by_hand = -picked[keep].mean()
+    assert abs(loss.item() - by_hand.item()) < 1e-5
+    # The ignored positions really are left out: the full mean differs.
+    assert abs(loss.item() - (-picked.mean()).item()) > 1e-4
+
+
+# --- KV cache ------------------------------------------------------------------------------
+
+
+def test_kv_cache_matches_full_recompute() -> None:
+    model = tiny_gpt(seed=5)
+    ids = random_ids(2, 24, seed=5)
+    with torch.no_grad():
+        full, _ = model(ids)
+        cache = KVCache(model.config, batch_size=2)
+        pieces = [model(ids[:, :5], kv_cache=cache)[0]]  # prefill
+        assert cache.pos == 5
+        pieces.append(model(ids[:, 5:12], kv_cache=cache)[0])  # a chunk after a prefix
+        assert cache.pos == 12
+        for t in range(12, 24):  # then one token at a time
+            pieces.append(model(ids[:, t : t + 1], kv_cache=cache)[0])
+        assert cache.pos == 24
+    cached = torch.cat(pieces, dim=1)
+    assert cached.shape == full.shape
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+
+    # reset() starts over on the same buffers.
+    cache.reset()
+    with torch.no_grad():
+        again, _ = model(ids[:, :3], kv_cache=cache)
+    torch.testing.assert_close(again, full[:, :3], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_short_max_len() -> None:
+    model = tiny_gpt(seed=6)
+    ids = random_ids(2, 10, seed=6)
+    cache = KVCache(model.config, batch_size=2, max_len=10)
+    with torch.no_grad():
+        full, _ = model(ids)
+        a, _ = model(ids[:, :4], kv_cache=cache)
+        b, _ = model(ids[:, 4:10], kv_cache=cache)
+    torch.testing.assert_close(torch.cat([a, b], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_overflow_raises() -> None:
+    model = tiny_gpt()
+    cache = KVCache(model.config, batch_size=2, max_len=8)
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        model(ids[:, :6], kv_cache=cache)
+        with pytest.raises(ValueError, match="exceeds"):
+            model(ids[:, 6:9], kv_cache=cache)
+        assert cache.pos == 6  # the failed call left the cache as it was
+        model(ids[:, 6:8], kv_cache=cache)
+        assert cache.pos == 8
+        with pytest.raises(ValueError):
+            model(ids[:, 8:9], kv_cache=cache)
+
+
+def test_kv_cache_longer_than_block_size_refused() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        KVCache(tiny_config(), batch_size=1, max_len=BLOCK + 1)
+
+
+def test_sequence_longer_than_block_size_raises() -> None:
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=str(BLOCK)):
+        model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
+    model(torch.zeros(1, BLOCK, dtype=torch.long))  # exactly the context is fine
+
+
+def test_greedy_decoding_cache_equals_recompute() -> None:
+    model = tiny_gpt(seed=7)
+    prompt = random_ids(2, 6, seed=7)
+    steps = 10
+    with torch.no_grad():
+        # Full recompute.
+        seq = prompt
+        for _ in range(steps):
+            nxt = model(seq)[0][:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        slow = seq[:, prompt.shape[1] :]
+        # With the cache.
+        cache = KVCache(model.config, batch_size=2)
+        logits, _ = model(prompt, kv_cache=cache)
+        toks = []
+        for _ in range(steps):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+            logits, _ = model(nxt, kv_cache=cache)
+        fast = torch.cat(toks, dim=1)
+    assert fast.shape == (2, steps)
+    assert fast.tolist() == slow.tolist()
+    assert len(set(fast.flatten().tolist())) > 1  # not a degenerate constant output
+
+
+# --- counts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"bias": False},
+        {"n_layer": 3, "n_head": 4, "n_embd": 48, "block_size": 16, "vocab_size": 1000},
+        {"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 5, "vocab_size": 7, "bias": False},
+    ],
+)
+def test_num_params_matches_count_params(overrides: dict) -> None:
+    cfg = tiny_config(**overrides)
+    model = GPT(cfg)
+    by_hand = sum(p.numel() for p in set(model.parameters()))
+    assert model.num_params(non_embedding=False) == count_params(cfg, non_embedding=False)
+    assert model.num_params(non_embedding=False) == by_hand
+    assert model.num_params() == count_params(cfg) == by_hand - cfg.block_size * cfg.n_embd
+
+
+@pytest.mark.parametrize(
+    ("preset", "total"),
+    [
+        ("gpt2", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+    ],
+)
+def test_preset_param_counts(preset: str, total: int) -> None:
+    cfg = ModelConfig.preset(preset)
+    assert count_params(cfg, non_embedding=False) == total
+    assert count_params(cfg) == total - cfg.block_size * cfg.n_embd
+    if preset in ("gpt2", "gpt2-medium"):
+        # On the meta device: shapes only, no memory or init time.
+        with torch.device("meta"):
+            model = GPT(cfg)
+        assert model.num_params(non_embedding=False) == total
+
+
+def test_medium_count_matches_transformers() -> None:
+    cfg = ModelConfig.preset("gpt2-medium")
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        )
+    assert hf.num_parameters() == count_params(cfg, non_embedding=False)
+
+
+@pytest.mark.parametrize("seq_len", [1, 64, 1024])
+def test_flops_per_token(seq_len: int) -> None:
+    for cfg in (tiny_config(), ModelConfig.preset("gpt2"), tiny_config(bias=False)):
+        expected = 6 * count_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        assert flops_per_token(cfg, seq_len) == expected
+    gpt2 = ModelConfig.preset("gpt2")
+    assert flops_per_token(gpt2) == flops_per_token(gpt2, gpt2.block_size)
+
+
+# --- training behaviour ------------------------------------------------------------------------
+
+
+def test_dropout_train_vs_eval() -> None:
+    model = tiny_gpt(dropout=0.2)
+    ids = random_ids(2, 16)
+    model.train()
+    a, _ = model(ids)
+    b, _ = model(ids)
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        c, _ = model(ids)
+        d, _ = model(ids)
+    assert torch.equal(c, d)
+    # With dropout 0, train mode is deterministic too.
+    plain = tiny_gpt(dropout=0.0).train()
+    assert torch.equal(plain(ids)[0], plain(ids)[0])
+
+
+def test_gradients_reach_every_parameter() -> None:
+    model = tiny_gpt(seed=8).train()
+    x = random_ids(2, BLOCK, seed=8)
+    y = random_ids(2, BLOCK, seed=9)
+    _, loss = model(x, y)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_weights_tied() -> None:
+    model = tiny_gpt()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names  # counted once
+
+
+# --- bad input for loading ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("hf")
+    hf_tiny(seed=10).save_pretrained(d)
+    return d
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_load_without_config_json(tmp_path: Path, hf_folder: Path) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    (d / "config.json").unlink()
+    with pytest.raises(WeightsError, match=r"config\.json") as exc:
+        load_hf_gpt2(d)
+    assert str(d) in str(exc.value)
+
+
+def test_load_without_weights(tmp_path: Path, hf_folder: Path) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"model\.safetensors") as exc:
+        load_hf_gpt2(d)
+    assert str(d) in str(exc.value)
+    assert "pytorch_model.bin" in str(exc.value)
+
+
+@pytest.mark.parametrize("keep", [0, 4, 100, "half"])
+def test_load_truncated_safetensors(tmp_path: Path, hf_folder: Path, keep) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    p = d / "model.safetensors"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2 if keep == "half" else keep])
+    with pytest.raises(WeightsError, match="cannot read weights") as exc:
+        load_hf_gpt2(d)
+    assert str(d) in str(exc.value)
+
+
+def test_load_relu_activation(tmp_path: Path, hf_folder: Path) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["activation_function"] = "relu"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError) as exc:
+        load_hf_gpt2(d)
+    msg = str(exc.value)
+    assert "config.json" in msg and "activation_function" in msg and "'relu'" in msg
+    assert "gelu_new" in msg  # names what is allowed
+
+
+def test_load_config_not_json(tmp_path: Path, hf_folder: Path) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    (d / "config.json").write_text('{"n_layer": 2,, oops')
+    with pytest.raises(WeightsError, match="not valid JSON") as exc:
+        load_hf_gpt2(d)
+    assert str(d / "config.json") in str(exc.value)
+
+
+def test_load_config_bad_value(tmp_path: Path, hf_folder: Path) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_head"] = 3  # 32 % 3 != 0
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match=r"config\.json: n_embd"):
+        load_hf_gpt2(d)
+
+
+def test_load_wrong_shape(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    hf = hf_tiny(seed=11)
+    d = tmp_path / "m"
+    hf.config.save_pretrained(d)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    key = "transformer.h.1.mlp.c_fc.weight"
+    assert state[key].shape == (N_EMBD, 4 * N_EMBD)
+    state[key] = torch.zeros(N_EMBD, 3 * N_EMBD)
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(WeightsError) as exc:
+        load_hf_gpt2(d)
+    msg = str(exc.value)
+    assert key in msg and "shape" in msg and str(d) in msg
+
+
+def test_load_unexpected_and_missing_keys(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    hf = hf_tiny(seed=12)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+
+    d1 = tmp_path / "extra"
+    hf.config.save_pretrained(d1)
+    save_file(
+        {**state, "transformer.h.0.attn.q_proj.weight": torch.zeros(2)},
+        str(d1 / "model.safetensors"),
+    )
+    with pytest.raises(WeightsError, match=r"transformer\.h\.0\.attn\.q_proj\.weight"):
+        load_hf_gpt2(d1)
+
+    d2 = tmp_path / "missing"
+    hf.config.save_pretrained(d2)
+    del state["transformer.ln_f.bias"]
+    save_file(state, str(d2 / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"transformer\.ln_f\.bias"):
+        load_hf_gpt2(d2)
+
+
+def test_load_untied_head_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    hf = hf_tiny(seed=13)
+    d = tmp_path / "m"
+    hf.config.save_pretrained(d)
+    state = {k: v.clone().contiguous() for k, v in hf.state_dict().items()}
+    state["lm_head.weight"] += 1.0
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(WeightsError, match="tied"):
+        load_hf_gpt2(d)
+
+
+def test_load_nonexistent_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "model"
+    with pytest.raises(WeightsError, match="no such model folder") as exc:
+        load_hf_gpt2(missing)
+    assert str(missing) in str(exc.value)
+    with pytest.raises(WeightsError, match="no such model folder"):
+        load_hf_gpt2("./not-a-model")
+
+
+def test_load_hub_id_offline(tmp_path: Path) -> None:
+    hf_home = tmp_path / "hf-home"  # an empty cache: nothing to fall back on
+    code = (
+        "import sys\n"
+        "from medgpt.errors import WeightsError\n"
+        "from medgpt.model import load_hf_gpt2\n"
+        "try:\n"
+        "    load_hf_gpt2('gpt2')\n"
+        "except WeightsError as e:\n"
+        "    print('WeightsError:', e)\n"
+        "    sys.exit(3)\n"
+        "print('loaded')\n"
+    )
+    env = _subprocess_env(
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        HTTP_PROXY="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+        NO_PROXY="",
+    )
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    msg = proc.stdout
+    assert "'gpt2'" in msg
+    assert "hub" in msg.lower()
+    assert "offline" in msg.lower()
+
+
+def test_weights_error_is_user_facing() -> None:
+    assert issubclass(WeightsError, MedgptError)
+
+
+# --- malformed config.json / weights files ---------------------------------------------------
+
+
+def test_load_config_json_not_an_object(tmp_path: Path, hf_folder: Path) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(WeightsError, match=r"config\.json"):
+        load_hf_gpt2(d)
+
+
+def test_load_config_null_n_embd(tmp_path: Path, hf_folder: Path) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_embd"] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="n_embd"):
+        load_hf_gpt2(d)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+@pytest.mark.parametrize(
+    "content", [b"not a pickle at all", b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01."]
+)
+def test_load_bin_not_a_weights_pickle(tmp_path: Path, hf_folder: Path, content: bytes) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(content)
+    with pytest.raises(WeightsError, match="pytorch_model.bin"):
+        load_hf_gpt2(d)
+
+
+def test_load_bin_not_a_dict(tmp_path: Path, hf_folder: Path) -> None:
+    d = _copy_folder(hf_folder, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    torch.save([torch.zeros(2)], d / "pytorch_model.bin")
+    with pytest.raises(WeightsError):
+        load_hf_gpt2(d)
