@@ -612,7 +612,7 @@ def test_load_bin_not_a_weights_pickle(tmp_path: Path, hf_folder: Path, content:
     d = _copy_folder(hf_folder, tmp_path / "m")
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(content)
-    with pytest.raises(WeightsError, match="pytorch_model.bin"):
+    with pytest.raises(WeightsError, match=r"pytorch_model\.bin"):
         load_hf_gpt2(d)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medgpt.data.prepare import FORMAT, MANIFEST, SPLITS, TOKEN_DTYPE
+from medgpt.data.prepare import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE
 from medgpt.errors import DataError
 
 
@@ -82,6 +82,11 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a medgpt dataset manifest (format != {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: dataset format version {manifest.get('format_version')!r}, this medgpt "
+            f"reads version {FORMAT_VERSION}; prepare the data again with this version"
+        )
     return manifest
 
 
@@ -161,6 +166,8 @@ class WindowLoader:
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
+            "block_size": self.block_size,
+            "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -170,7 +177,7 @@ class WindowLoader:
                 f"{str(state.get('dataset'))[:12]} != {self.shards.manifest['content_hash'][:12]}); "
                 "resume with the data the run started with"
             )
-        for key in ("seed", "world_size", "rank"):
+        for key in ("seed", "world_size", "rank", "block_size", "batch_size"):
             if state.get(key) != getattr(self, key):
                 raise DataError(
                     f"loader state was saved with {key}={state.get(key)}, this loader has "

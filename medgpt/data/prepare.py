@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,17 @@ class PrepareConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        self.sources = [SourceSpec(uri=s) if isinstance(s, str) else s for s in self.sources]
+        specs: list[SourceSpec | str] = []
+        for i, s in enumerate(self.sources):
+            if isinstance(s, str):
+                specs.append(SourceSpec(uri=s))
+            elif isinstance(s, Mapping):
+                specs.append(from_mapping(SourceSpec, s, prefix=f"sources[{i}]."))
+            elif isinstance(s, SourceSpec):
+                specs.append(s)
+            else:
+                raise ConfigError(f"sources[{i}]: expected a URI or a mapping, got {s!r}")
+        self.sources = specs
         if not self.sources:
             raise ConfigError("sources: give at least one source")
         if not self.out:
@@ -158,6 +168,11 @@ class _ShardWriter:
         self._close()
         return self.shards
 
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
 
 def _batched(
     docs: Iterable[tuple[Document, str]], size: int
@@ -200,10 +215,17 @@ def _check_out_dir(out: Path, cfg: PrepareConfig) -> dict[str, Any] | None:
         )
     try:
         old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        problem = None if isinstance(old, dict) and old.get("format") == FORMAT else "not ours"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        old, problem = None, str(e)
+    if problem is not None:
+        if cfg.overwrite:
+            return {}  # replaced wholesale below
         raise DataError(
-            f"{manifest_path}: unreadable manifest ({e}); remove the folder or pass --overwrite"
-        ) from None
+            f"{manifest_path}: not a readable medgpt manifest ({problem}); remove the folder "
+            "or pass --overwrite"
+        )
+    assert isinstance(old, dict)
     if old.get("recipe") != cfg.recipe() and not cfg.overwrite:
         diff = [k for k in cfg.recipe() if (old.get("recipe") or {}).get(k) != cfg.recipe()[k]]
         raise DataError(
@@ -224,14 +246,13 @@ def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
     try:
         manifest = _build(cfg, staging, progress)
         manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        if (
-            old_manifest is not None
-            and old_manifest.get("content_hash") == manifest["content_hash"]
-        ):
+        if old_manifest == manifest:
+            # Same recipe, same input: the folder already holds these exact bytes.
             shutil.rmtree(staging)
             manifest["_status"] = "unchanged"
         else:
             if old_manifest is not None and not cfg.overwrite:
+                # The recipe matched (checked up front), so the input files changed.
                 raise DataError(
                     f"--out {out} already holds a dataset built from different input "
                     f"(content hash {old_manifest.get('content_hash', '?')[:12]} != "
@@ -326,6 +347,10 @@ def _build(cfg: PrepareConfig, folder: Path, progress: bool | None) -> dict[str,
                 pending.append((batch, pool.submit(encode, batch)))
                 drain(2 * workers)  # bounded: at most 2 batches per thread in flight
             drain(0)
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
         finally:
             bar.close()
             for _, fut in pending:

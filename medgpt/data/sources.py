@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import itertools
 import json
 import xml.etree.ElementTree as ET
@@ -293,10 +294,8 @@ def read_medquad_file(path: Path, spec: SourceSpec) -> Iterator[Document]:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
-        line, col = e.position
-        raise DataError(
-            f"{path}:{line}: malformed XML ({e.msg if hasattr(e, 'msg') else e}, column {col})"
-        ) from None
+        line, _ = e.position
+        raise DataError(f"{path}:{line}: malformed XML ({e})") from None
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
     if root.tag != "Document":
@@ -333,13 +332,15 @@ _ICD_NOTE_LABELS = {
 
 
 def icd10cm_xml_path() -> Path:
-    try:
-        import simple_icd_10_cm
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it: its import parses the whole XML
+    # into memory (seconds), and we only need the file.
+    spec = importlib.util.find_spec("simple_icd_10_cm")
+    if spec is None or not spec.submodule_search_locations:
         raise DataError(
             "builtin:icd10cm needs the 'simple-icd-10-cm' package (pip install simple-icd-10-cm)"
-        ) from None
-    found = sorted((Path(simple_icd_10_cm.__file__).parent / "data").glob("*tabular*.xml"))
+        )
+    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted((pkg_dir / "data").glob("*tabular*.xml"))
     if not found:
         raise DataError("simple-icd-10-cm is installed but ships no tabular XML file")
     return found[-1]
