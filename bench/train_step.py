@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,6 +78,8 @@ class Result:
     loss_first: float
     loss_last: float
     threads: int
+    # Median step time of every round (this result is the fastest round's), see --rounds.
+    round_step_ms: list[float] = field(default_factory=list)
 
 
 def model_config(size: str) -> ModelConfig:
@@ -302,6 +304,7 @@ def print_table(
         f"n_positions={config.block_size} vocab={config.vocab_size}, {n / 1e6:.1f}M params; "
         f"batch {args.batch_size} x seq {args.seq_len} = {args.batch_size * args.seq_len} "
         f"tokens/step, {args.steps} measured steps after {args.warmup} warm-up"
+        + (f", fastest of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     header = (
         f"{'impl':<33} {'tokens/s':>9} {'step ms':>9} {'MFU %':>6} "
@@ -347,6 +350,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="measured steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps before them")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every model this many times, interleaved, and keep each one's fastest "
+        "round (other load on the machine only ever slows a round down); default 1",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument(
         "--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (cuda only)"
@@ -365,8 +375,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: CUDA is not available")
     if args.dtype == "bf16" and not args.device.startswith("cuda"):
         p.error("--dtype bf16 is for --device cuda (CPU runs are fp32)")
-    if min(args.batch_size, args.seq_len, args.steps) < 1 or args.warmup < 0:
-        p.error("--batch-size, --seq-len and --steps must be >= 1, --warmup >= 0")
+    if min(args.batch_size, args.seq_len, args.steps, args.rounds) < 1 or args.warmup < 0:
+        p.error("--batch-size, --seq-len, --steps and --rounds must be >= 1, --warmup >= 0")
     args.size_list = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for size in args.size_list:
         try:
@@ -396,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         peak = in_fresh_process(measure_peak_flops, args.device, args.dtype, args.threads)
         peak_src = f"measured: best 2048x2048 {args.dtype} matmul, same thread count"
+    load = os.getloadavg()
+    # Other processes share the cores on small machines; a high figure here means noisy timings.
+    print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"device {args.device}, {args.dtype}; MFU peak {peak / 1e12:.3f} TFLOP/s ({peak_src})")
     print(
         "optimizers: medgpt + HF rows use medgpt.training.configure_optimizer(lr=6e-4) "
@@ -410,24 +423,36 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for size in args.size_list:
         config = model_config(size)
-        rows = []
-        for impl in args.impl_list:
-            print(f"  running {size} / {IMPLS[impl]} ...", file=sys.stderr, flush=True)
-            rows.append(
-                in_fresh_process(
-                    run_one,
-                    size,
-                    impl,
-                    args.batch_size,
-                    args.seq_len,
-                    args.steps,
-                    args.warmup,
-                    args.threads,
-                    args.device,
-                    args.dtype,
-                    peak,
+        runs: dict[str, list[Result]] = {impl: [] for impl in args.impl_list}
+        # Round-robin rather than all rounds of one model then the next, so that a burst of
+        # load from elsewhere hits the models alike instead of one of them.
+        for rnd in range(args.rounds):
+            for impl in args.impl_list:
+                print(
+                    f"  running {size} / {IMPLS[impl]} (round {rnd + 1}/{args.rounds}) ...",
+                    file=sys.stderr,
+                    flush=True,
                 )
-            )
+                runs[impl].append(
+                    in_fresh_process(
+                        run_one,
+                        size,
+                        impl,
+                        args.batch_size,
+                        args.seq_len,
+                        args.steps,
+                        args.warmup,
+                        args.threads,
+                        args.device,
+                        args.dtype,
+                        peak,
+                    )
+                )
+        rows = []
+        for results_of_impl in runs.values():
+            best = min(results_of_impl, key=lambda r: r.step_ms_median)
+            best.round_step_ms = [r.step_ms_median for r in results_of_impl]
+            rows.append(best)
         print_table(size, config, rows, args)
         results.extend(rows)
 
@@ -443,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": args.seq_len,
             "steps": args.steps,
             "warmup": args.warmup,
+            "rounds": args.rounds,
+            "load_average_before": load,
+            "load_average_after": os.getloadavg(),
             "results": [asdict(r) for r in results],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -164,7 +164,6 @@ class WindowLoader:
             "epoch": self.epoch,
             "batch": self.batch,
             "seed": self.seed,
-            "rank": self.rank,
             "world_size": self.world_size,
             "block_size": self.block_size,
             "batch_size": self.batch_size,
@@ -177,7 +176,9 @@ class WindowLoader:
                 f"{str(state.get('dataset'))[:12]} != {self.shards.manifest['content_hash'][:12]}); "
                 "resume with the data the run started with"
             )
-        for key in ("seed", "world_size", "rank", "block_size", "batch_size"):
+        # The position is the same on every rank (they advance in lockstep), so rank 0's saved
+        # state restores any rank; what must match is everything that shapes the sequence.
+        for key in ("seed", "world_size", "block_size", "batch_size"):
             if state.get(key) != getattr(self, key):
                 raise DataError(
                     f"loader state was saved with {key}={state.get(key)}, this loader has "
