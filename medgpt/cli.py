@@ -128,6 +128,56 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_recipe(args: argparse.Namespace) -> Any:
+    from medgpt.config import Recipe, apply_overrides, load_yaml
+
+    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    overrides = list(args.set or [])
+    for flag, key in (
+        ("name", "job.name"),
+        ("data", "train.data_dir"),
+        ("num_workers", "job.num_workers"),
+        ("max_steps", "train.max_steps"),
+        ("storage", "job.storage_path"),
+        ("init_from", "train.init_from"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return Recipe.from_dict(apply_overrides(data, overrides))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medgpt.launch import train
+
+    recipe = _load_recipe(args)
+    summary = train(recipe)
+    print(f"best checkpoint: {summary['best_checkpoint']}")
+    print(f"best val_loss:   {summary['best_val_loss']}")
+    print(f"MLflow run id:   {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})")
+    if "result_file" in summary:
+        print(f"summary:         {summary['result_file']}")
+    return 0
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", help="YAML recipe (sections model/train/job), e.g. configs/tiny-cpu.yaml"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value, repeatable (e.g. --set train.lr=3e-4)",
+    )
+    p.add_argument("--name", help="run name; running again with the same name resumes")
+    p.add_argument("--data", help="prepared dataset folder (train.data_dir)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (job.num_workers)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
+    p.add_argument("--storage", help="run storage folder or URI (job.storage_path)")
+    p.add_argument("--init-from", help="scratch | checkpoint folder | HF folder | hub id")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medgpt",
@@ -144,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_prepare_arguments(p)
     p.set_defaults(func=cmd_prepare)
+    t = sub.add_parser(
+        "train",
+        help="train a GPT on prepared data with Ray Train (resumable, tracked in MLflow)",
+        description="Data-parallel GPT training on Ray Train workers (CPU or GPU). Recipe from "
+        "--config plus overrides; connects to RAY_ADDRESS when set, else starts a local Ray. "
+        "Example: medgpt train --config configs/tiny-cpu.yaml",
+    )
+    _add_train_arguments(t)
+    t.set_defaults(func=cmd_train)
     q = sub.add_parser(
         "quickstart",
         help="run the main job on the embedded defaults (offline ICD-10-CM corpus)",

@@ -73,6 +73,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept it as the number it spells.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -174,3 +180,148 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},  # 774M
     "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
 }
+
+
+DEFAULT_SAMPLE_PROMPTS = [
+    "Question: What are the symptoms of diabetes?\nAnswer:",
+    "Question: How is high blood pressure treated?\nAnswer:",
+    "ICD-10-CM Chapter 9: Diseases of the circulatory system (I00-I99)",
+]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The optimisation: data, schedule, evaluation and checkpoint cadence."""
+
+    data_dir: str = "data/icd10cm"
+    # "scratch", a medgpt checkpoint folder, a Hugging Face GPT-2 folder, or a hub id (gpt2...)
+    init_from: str = "scratch"
+    seq_len: int = 256  # tokens per training window (<= model.block_size)
+    micro_batch_size: int = 8  # windows per forward pass on one worker
+    batch_tokens: int = 16384  # tokens per optimizer step, all workers together
+    max_steps: int = 1000
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 100
+    eval_batches: int = 20  # micro-batches of validation per worker
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2  # best N by val_loss, plus the latest
+    log_every: int = 10
+    sample_prompts: list[str] = dataclasses.field(
+        default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS)
+    )
+    sample_tokens: int = 48
+    seed: int = 1337
+    compile: bool = False  # torch.compile, CUDA only
+    threads_per_worker: int = 0  # torch threads on CPU workers; 0 = the worker's CPUs
+
+    def __post_init__(self) -> None:
+        for name in (
+            "seq_len", "micro_batch_size", "batch_tokens", "max_steps", "eval_every",
+            "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every",
+        ):  # fmt: skip
+            _require(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_tokens", "threads_per_worker"):
+            _require(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}")
+        _require(self.lr > 0, f"lr: must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"min_lr: must be in [0, lr], got {self.min_lr}")
+        _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _require(0 <= v < 1, f"{name}: must be in [0, 1), got {v}")
+        _require(self.grad_clip >= 0, f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(bool(self.data_dir), "data_dir: must name a prepared dataset folder")
+        _require(bool(self.init_from), "init_from: 'scratch', a checkpoint, HF folder or hub id")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step; batch_tokens must split evenly over the workers."""
+        per_micro = self.micro_batch_size * self.seq_len * world_size
+        if self.batch_tokens % per_micro:
+            raise ConfigError(
+                f"batch_tokens: {self.batch_tokens} is not a multiple of micro_batch_size x "
+                f"seq_len x workers = {self.micro_batch_size} x {self.seq_len} x {world_size} "
+                f"= {per_micro}"
+            )
+        return self.batch_tokens // per_micro
+
+
+@dataclasses.dataclass
+class JobConfig:
+    """Where and how a training run executes: Ray scaling, storage, fault tolerance, MLflow."""
+
+    name: str = "medgpt"  # fixed run name: running again with it resumes
+    storage_path: str = "runs"  # local folder or s3://, gs://; made absolute for the workers
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker-group restarts from the last checkpoint; -1 = unlimited
+    # Default: sqlite database + artifact folder under storage_path (no server needed);
+    # MLFLOW_TRACKING_URI in the environment wins over this default.
+    mlflow_tracking_uri: str | None = None
+    experiment: str = "medgpt"
+    start_timeout_s: float = 120.0  # fail, rather than wait forever, when workers cannot start
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and "/" not in self.name,
+            f"name: must be a plain folder name, got {self.name!r}",
+        )
+        _require(self.num_workers >= 1, f"num_workers: must be >= 1, got {self.num_workers}")
+        _require(
+            self.cpus_per_worker > 0, f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}"
+        )
+        _require(self.max_failures >= -1, f"max_failures: must be >= -1, got {self.max_failures}")
+        _require(
+            self.start_timeout_s > 0, f"start_timeout_s: must be > 0, got {self.start_timeout_s}"
+        )
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A training recipe: the YAML files in configs/ have exactly these three sections."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    job: JobConfig = dataclasses.field(default_factory=JobConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.train.seq_len <= self.model.block_size,
+            f"train.seq_len: {self.train.seq_len} exceeds model.block_size {self.model.block_size}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        return from_mapping(cls, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) onto a recipe mapping."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out

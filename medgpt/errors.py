@@ -24,3 +24,7 @@ class TokenizerError(MedgptError):
 
 class WeightsError(MedgptError):
     """Model weights that cannot be loaded into the GPT module."""
+
+
+class CheckpointError(MedgptError):
+    """A checkpoint folder that is missing, incomplete or corrupt."""

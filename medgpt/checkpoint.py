@@ -1,0 +1,169 @@
+"""Self-describing checkpoint folders.
+
+::
+
+    step-000200/
+      model.safetensors   weights (the tied output head is stored once, as the embedding)
+      config.json         format, model config, tokenizer name
+      meta.json           step, metrics, run config, data manifest hash, ...
+      train_state.pt      optimizer, schedule, data position, RNG (training checkpoints only)
+
+Serving needs only the first three. Loading never unpickles arbitrary objects: weights are
+safetensors and ``train_state.pt`` is read with ``torch.load(weights_only=True)``. Folders are
+written under a temporary name and renamed, so a crash never leaves a half-written checkpoint
+under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medgpt.config import ConfigError, ModelConfig, from_mapping
+from medgpt.errors import CheckpointError
+from medgpt.model import GPT
+from medgpt.tokenizer import TOKENIZER_NAME
+
+FORMAT = "medgpt-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, META, TRAIN_STATE = (
+    "model.safetensors",
+    "config.json",
+    "meta.json",
+    "train_state.pt",
+)
+_TIED = "lm_head.weight"
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    return (p / CONFIG).is_file() and (p / WEIGHTS).is_file()
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder at ``path`` atomically (replacing one that is there)."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if not isinstance(model, GPT):
+        raise TypeError(f"expected a medgpt GPT, got {type(model).__name__}")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {
+            k: v.detach().to("cpu").contiguous()
+            for k, v in model.state_dict().items()
+            if k != _TIED
+        }
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": model.config.to_dict(),
+            "tokenizer": TOKENIZER_NAME,
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a complete medgpt checkpoint)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_config(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and the raw config.json of a checkpoint folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"no such checkpoint folder: {folder}")
+    raw = _read_json(folder / CONFIG)
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / CONFIG}: not a medgpt checkpoint (format != {FORMAT!r})")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder / CONFIG}: checkpoint format version {raw.get('format_version')!r}, "
+            f"this medgpt reads {FORMAT_VERSION}"
+        )
+    try:
+        config = from_mapping(ModelConfig, raw.get("model") or {})
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / CONFIG}: bad model config ({e})") from None
+    return config, raw
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    return _read_json(Path(path) / META)
+
+
+def load_model(
+    path: str | os.PathLike[str], dropout: float | None = None, device: str | torch.device = "cpu"
+) -> GPT:
+    """Our GPT with the checkpoint's weights (fp32)."""
+    folder = Path(path)
+    config, _ = read_config(folder)
+    if dropout is not None:
+        config = from_mapping(ModelConfig, {**config.to_dict(), "dropout": dropout})
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (not a complete medgpt checkpoint)")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights}: cannot read weights ({e})") from None
+    model = GPT(config).to(device)
+    state[_TIED] = state.get("transformer.wte.weight", torch.empty(0))
+    expected = model.state_dict()
+    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    extra = [k for k in state if k not in expected]
+    if bad or extra:
+        raise CheckpointError(
+            f"{weights}: weights do not match config.json "
+            f"({'missing/mis-shaped ' + ', '.join(bad[:3]) if bad else 'unexpected ' + ', '.join(extra[:3])})"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    f = Path(path) / TRAIN_STATE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing (a serving-only checkpoint cannot resume training)")
+    try:
+        # weights_only: only tensors and plain containers; never executes code from the file.
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{f}: corrupt training state ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: corrupt training state (not a mapping)")
+    return state

@@ -1,0 +1,196 @@
+"""The driver side of a training run: validate, connect to Ray, fit, summarise.
+
+``medgpt train`` and ``jobs/train.py`` call :func:`train`. Everything that can be checked before
+workers start is checked here, so bad input fails in a second with one line instead of a
+worker-group retry loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from medgpt.config import Recipe
+from medgpt.data.loader import WindowLoader
+from medgpt.errors import ConfigError, MedgptError
+from medgpt.training import check_dataset, resolve_model_config, train_loop_per_worker
+
+RESULT_FILE = "medgpt-result.json"
+
+
+class TrainingError(MedgptError):
+    """The run failed in the workers; the message carries the workers' own error."""
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_paths(recipe: Recipe) -> Recipe:
+    """Absolute paths everywhere: Ray workers run in another working directory."""
+    data = recipe.to_dict()
+    data["train"]["data_dir"] = str(Path(recipe.train.data_dir).expanduser().resolve())
+    src = recipe.train.init_from
+    if src != "scratch" and Path(src).expanduser().exists():
+        data["train"]["init_from"] = str(Path(src).expanduser().resolve())
+    if not _is_uri(recipe.job.storage_path):
+        data["job"]["storage_path"] = str(Path(recipe.job.storage_path).expanduser().resolve())
+    return Recipe.from_dict(data)
+
+
+def validate(recipe: Recipe) -> dict[str, Any]:
+    """Check data, model source and batch arithmetic; returns the dataset manifest."""
+    tc = recipe.train
+    model_config = resolve_model_config(recipe)
+    if tc.seq_len > model_config.block_size:
+        raise ConfigError(
+            f"train.seq_len: {tc.seq_len} exceeds the model's context {model_config.block_size}"
+        )
+    manifest = check_dataset(tc.data_dir, model_config)
+    tc.grad_accum_steps(recipe.job.num_workers)
+    for split in ("train", "val"):  # enough tokens for a batch on every worker?
+        WindowLoader(tc.data_dir, split, tc.seq_len, tc.micro_batch_size, 0, recipe.job.num_workers)
+    return manifest
+
+
+def connect_ray(recipe: Recipe) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start one here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {
+        # Fail instead of waiting forever when the worker group cannot be placed.
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(recipe.job.start_timeout_s),
+    }
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        for k, v in env.items():
+            os.environ.setdefault(k, v)  # inherited by the local raylet and its workers
+        ray.init(include_dashboard=True, log_to_driver=True)
+
+
+def check_capacity(recipe: Recipe) -> None:
+    """Refuse a worker group this cluster can never hold (Ray would otherwise wait)."""
+    import ray
+
+    total = ray.cluster_resources()
+    job = recipe.job
+    need = {"CPU": job.num_workers * job.cpus_per_worker}
+    if job.use_gpu:
+        need["GPU"] = float(job.num_workers)
+    for res, amount in need.items():
+        have = float(total.get(res, 0.0))
+        if amount > have and not os.environ.get("MEDGPT_ALLOW_AUTOSCALE"):
+            raise ConfigError(
+                f"job.num_workers: {job.num_workers} workers need {amount:g} {res} but the "
+                f"cluster has {have:g}; lower job.num_workers/cpus_per_worker (or set "
+                "MEDGPT_ALLOW_AUTOSCALE=1 on an autoscaling cluster to wait for nodes)"
+            )
+
+
+def _worker_error(exc: BaseException) -> str:
+    """The most useful line from a failed fit: our own error if a worker raised one."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank, err in sorted(failures.items()):
+        cause = err
+        while cause is not None:
+            if isinstance(cause, MedgptError):
+                return f"rank {rank}: {cause}"
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        text = str(err).strip().splitlines()
+        if text:
+            return f"rank {rank}: {text[-1]}"
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run (or resume) the training run ``recipe.job.name``; returns the summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from medgpt import tracking
+
+    recipe = resolve_paths(recipe)
+    manifest = validate(recipe)
+    job = recipe.job
+    connect_ray(recipe)
+    check_capacity(recipe)
+    uri = tracking.tracking_uri_for(job.storage_path, job.mlflow_tracking_uri)
+    run_id, resumed = tracking.start_or_resume_run(
+        uri,
+        job.experiment,
+        job.name,
+        recipe.to_dict(),
+        {"data_manifest_hash": manifest["content_hash"], "mlflow.source.name": "medgpt train"},
+    )
+    print(
+        f"medgpt train: run {job.name!r} ({'resuming' if resumed else 'new'}), "
+        f"{job.num_workers} worker(s), MLflow run {run_id} at {uri}",
+        flush=True,
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "recipe": recipe.to_dict(),
+            "tracking": {"tracking_uri": uri, "run_id": run_id},
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.num_workers,
+            use_gpu=job.use_gpu,
+            resources_per_worker={
+                "CPU": job.cpus_per_worker,
+                **({"GPU": 1} if job.use_gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.name,
+            storage_path=job.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=recipe.train.keep_checkpoints,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(
+                max_failures=job.max_failures, controller_failure_limit=0
+            ),
+        ),
+    )
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.finish_run(
+            uri, run_id, {"error": _worker_error(e)}, None, manifest, recipe.to_dict(), "FAILED"
+        )
+        raise TrainingError(f"training run {job.name!r} failed: {_worker_error(e)}") from None
+    best = result.get_best_checkpoint("val_loss", "min")
+    best_val = None
+    for ckpt, metrics in result.best_checkpoints:
+        if best is not None and ckpt.path == best.path:
+            best_val = metrics.get("val_loss")
+    summary = {
+        "run_name": job.name,
+        "run_dir": str(Path(job.storage_path) / job.name)
+        if not _is_uri(job.storage_path)
+        else f"{job.storage_path}/{job.name}",
+        "best_checkpoint": best.path if best is not None else None,
+        "best_val_loss": best_val,
+        "final_step": (result.metrics or {}).get("step"),
+        "final_val_loss": (result.metrics or {}).get("val_loss"),
+        "mlflow_run_id": run_id,
+        "mlflow_tracking_uri": uri,
+        "seconds": round(time.time() - started, 1),
+    }
+    tracking.finish_run(
+        uri, run_id, summary, summary["best_checkpoint"], manifest, recipe.to_dict()
+    )
+    if not _is_uri(job.storage_path):
+        out = Path(summary["run_dir"]) / RESULT_FILE
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        summary["result_file"] = str(out)
+    return summary
