@@ -208,7 +208,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     eval_every: int = 100
-    eval_batches: int = 20  # micro-batches of validation per worker
+    eval_batches: int = 20  # micro-batches of validation in all, split over the workers
     checkpoint_every: int = 200
     keep_checkpoints: int = 2  # best N by val_loss, plus the latest
     log_every: int = 10

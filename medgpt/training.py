@@ -159,7 +159,12 @@ def _all_reduce_mean(values: list[float], ctx: _Ctx) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: WindowLoader, batches: int, ctx: _Ctx, autocast) -> float:
-    """Mean validation loss over the same ``batches`` windows per rank at every evaluation."""
+    """Mean validation loss over the same windows at every evaluation.
+
+    ``batches`` micro-batches in all, split over the ranks: the loader deals window i to rank
+    i % W, so the evaluated windows (and thus val_loss) do not depend on the worker count.
+    """
+    batches = max(1, batches // ctx.world)
     was_training = model.training
     model.eval()
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "batch": 0})
@@ -255,10 +260,13 @@ def run_loop(
     tracking: dict[str, Any] | None,
     checkpoint: Any,
     report: Reporter,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The loop itself, independent of Ray Train: ``report`` receives metrics and the
     checkpoint folder rank 0 wrote (it owns the folder's parent and must delete it);
-    ``checkpoint`` is anything with ``as_directory()``. Yields each reported metrics dict.
+    ``checkpoint`` is anything with ``as_directory()``; ``wrap`` turns the model into its
+    data-parallel form when ``ctx.world > 1`` (default: Ray Train's ``prepare_model``; plain
+    DDP for torchrun). Yields each reported metrics dict.
     """
 
     tc = recipe.train
@@ -298,12 +306,11 @@ def run_loop(
     use_cuda = ctx.device.type == "cuda"
     if use_cuda and tc.compile:
         model = torch.compile(model)
-    if ctx.world > 1:
+    if ctx.world > 1 and wrap is None:
         import ray.train.torch
 
-        ddp = ray.train.torch.prepare_model(model)
-    else:
-        ddp = model
+        wrap = ray.train.torch.prepare_model
+    ddp = wrap(model) if ctx.world > 1 and wrap is not None else model
     raw: GPT = model if not hasattr(model, "_orig_mod") else model._orig_mod  # type: ignore[assignment]
 
     def autocast() -> contextlib.AbstractContextManager[Any]:

@@ -1,0 +1,116 @@
+"""Shared fixtures: one real Ray cluster per test session, a small prepared dataset, and the
+tiny training recipe the Ray tests run."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_BIN = Path(sys.executable).parent / "ray"
+
+# Faster Ray Train control loop for tests (see FIELD-NOTES): quicker polling of reports, no
+# preemption watcher or metrics exporter, and a bounded wait when workers cannot be placed.
+RAY_TEST_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A head node started with `ray start --head` (token auth on, as Ray 2.60 defaults to),
+    shared by every Ray test; RAY_ADDRESS and the token are exported so in-process drivers,
+    subprocess drivers and `ray job submit` all reach it."""
+    port, dash, agent = _free_port(), _free_port(), _free_port()
+    env = {
+        **RAY_TEST_ENV,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
+    os.environ.update(env)
+    subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, timeout=60)
+    start = [
+        str(RAY_BIN), "start", "--head", f"--port={port}", "--num-cpus=2",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats",
+    ]  # fmt: skip
+    proc = subprocess.run(start, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        pytest.fail(f"ray start --head failed:\n{proc.stdout}\n{proc.stderr}")
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = address
+    # Placement-group cleanup after stopped trials goes through the State API (FIELD-NOTES).
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    import ray
+
+    ray.shutdown()
+    subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, timeout=120)
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *env):
+        os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="session")
+def icd_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builtin ICD-10-CM corpus, prepared once per session (~1.2M tokens)."""
+    from medgpt.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data") / "icd10cm"
+    prepare(PrepareConfig(sources=["builtin:icd10cm"], out=str(out)), progress=False)
+    return out
+
+
+def tiny_recipe(data_dir: Path, storage: Path, name: str, **overrides: Any) -> dict[str, Any]:
+    """A recipe whose steps take milliseconds: the Ray tests check plumbing, not learning."""
+    recipe: dict[str, Any] = {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64},
+        "train": {
+            "data_dir": str(data_dir),
+            "seq_len": 64,
+            "micro_batch_size": 4,
+            "batch_tokens": 512,
+            "max_steps": 6,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+            "warmup_steps": 1,
+            "eval_every": 3,
+            "eval_batches": 2,
+            "checkpoint_every": 3,
+            "log_every": 1,
+            "sample_tokens": 4,
+            "sample_prompts": ["Question: What is diabetes?\nAnswer:"],
+        },
+        "job": {"name": name, "storage_path": str(storage), "num_workers": 2},
+    }
+    for key, value in overrides.items():
+        section, field = key.split(".", 1)
+        recipe[section][field] = value
+    return recipe
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
