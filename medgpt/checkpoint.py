@@ -45,8 +45,13 @@ _TIED = "lm_head.weight"
 
 
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
-    p = Path(path)
-    return (p / CONFIG).is_file() and (p / WEIGHTS).is_file()
+    """A medgpt checkpoint folder (a Hugging Face folder has the same file names, so the
+    config's format field decides)."""
+    p = Path(path) / CONFIG
+    try:
+        return json.loads(p.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def save_checkpoint(

@@ -8,6 +8,7 @@ value of the wrong type is reported the same way everywhere: naming the key and 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -106,7 +107,11 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as e:
         if prefix:
-            raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+            # "field: problem" becomes "section.field: problem"; other messages get the section.
+            msg = str(e)
+            if re.match(r"^[A-Za-z_][\w.\[\]]*: ", msg):
+                raise ConfigError(f"{prefix}{msg}") from None
+            raise ConfigError(f"{prefix.rstrip('.')}: {msg}") from None
         raise
 
 

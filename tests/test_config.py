@@ -41,6 +41,11 @@ def test_unknown_key_names_key_and_allowed() -> None:
     assert f"(allowed: {', '.join(MODEL_FIELDS)})" in msg
 
 
+def test_numeric_string_accepted_for_float() -> None:
+    # YAML 1.1 reads 1e-5 (no dot) as a string; it means the number.
+    assert from_mapping(ModelConfig, {"layer_norm_epsilon": "1e-5"}).layer_norm_epsilon == 1e-5
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
@@ -50,7 +55,7 @@ def test_unknown_key_names_key_and_allowed() -> None:
         ("n_layer", None),
         ("bias", 1),  # int for bool
         ("bias", "true"),
-        ("dropout", "0.1"),  # string for float
+        ("dropout", "high"),  # non-numeric string for float
         ("dropout", False),  # bool for float
         ("layer_norm_epsilon", [1e-5]),
     ],
