@@ -84,9 +84,9 @@ def tiny_recipe(data_dir: Path, storage: Path, name: str, **overrides: Any) -> d
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64},
         "train": {
             "data_dir": str(data_dir),
-            "seq_len": 64,
+            "seq_len": 32,
             "micro_batch_size": 4,
-            "batch_tokens": 512,
+            "batch_tokens": 256,
             "max_steps": 6,
             "lr": 1e-3,
             "min_lr": 1e-4,

@@ -106,7 +106,7 @@ def test_two_workers_equal_one_worker_with_accumulation(reference, icd_data, sto
 def test_more_workers_than_the_cluster_has_is_refused(ray_cluster, icd_data, storage) -> None:
     recipe = Recipe.from_dict(
         tiny_recipe(
-            icd_data, storage, "too-big", **{"job.num_workers": 4, "train.batch_tokens": 1024}
+            icd_data, storage, "too-big", **{"job.num_workers": 4, "train.batch_tokens": 512}
         )
     )
     with pytest.raises(ConfigError, match=r"4 workers need 4 CPU but the cluster has 2"):
@@ -140,7 +140,7 @@ def _registered_steps(run_dir: Path) -> list[str]:
         return []
 
 
-LONG = {"train.max_steps": 40, "train.checkpoint_every": 10, "train.eval_every": 10}
+LONG = {"train.max_steps": 24, "train.checkpoint_every": 6, "train.eval_every": 6}
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +158,9 @@ def test_resume_after_the_driver_is_stopped(long_reference, icd_data, storage, t
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its job's actors go with it
         proc.wait(30)
     done_before = _registered_steps(run_dir)
-    assert done_before and "step-000040" not in done_before, done_before
+    assert done_before and "step-000024" not in done_before, done_before
     resumed = train(Recipe.from_dict(recipe))
-    assert resumed["final_step"] == 40
+    assert resumed["final_step"] == 24
     # One MLflow run for the whole run name, reused on resume.
     client = _mlflow(resumed["mlflow_tracking_uri"])
     runs = client.search_runs(
@@ -172,7 +172,7 @@ def test_resume_after_the_driver_is_stopped(long_reference, icd_data, storage, t
     # final weights equal those of an uninterrupted run with the same seed. (Everything is
     # deterministic on CPU: fixed data order, no dropout, a 2-rank gloo all-reduce.)
     a, b = _weights(resumed["best_checkpoint"]), _weights(long_reference["best_checkpoint"])
-    assert resumed["best_checkpoint"].endswith("step-000040")
+    assert resumed["best_checkpoint"].endswith("step-000024")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
@@ -202,9 +202,9 @@ def test_killed_worker_restarts_from_checkpoint(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert "step-000040" not in killed_at
+    assert "step-000024" not in killed_at
     summary = json.loads((run_dir / "medgpt-result.json").read_text())
-    assert summary["final_step"] == 40
+    assert summary["final_step"] == 24
     log = (tmp_path / "kill.log").read_text()
     # The worker group really was restarted (not finished before the kill landed).
     assert log.count("Started training worker group") >= 2, log[-3000:]
