@@ -210,7 +210,13 @@ class _Tracker:
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+
+    def flush(self) -> None:
+        if self.client is not None:
+            import mlflow
+
+            mlflow.flush_async_logging()
 
     def text(self, text: str, path: str) -> None:
         if self.client is not None:
@@ -329,7 +335,7 @@ def run_loop(
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=ctx.device)
         for micro in range(accum):
             x, y = train_loader.next_batch()
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
@@ -340,7 +346,7 @@ def run_loop(
             with sync, autocast():
                 _, loss = ddp(x, y)
                 (loss / accum).backward()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()  # stays on the device: no sync per micro-step
         # With clipping off, an infinite threshold still measures the norm for the metrics.
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(ddp.parameters(), max_norm))
@@ -354,9 +360,7 @@ def run_loop(
         last = step == tc.max_steps
         do_ckpt = step % tc.checkpoint_every == 0 or last
         do_eval = step % tc.eval_every == 0 or do_ckpt
-        if not (do_eval or step % tc.log_every == 0 or step == 1):
-            continue
-        (train_loss,) = _all_reduce_mean([loss_sum / accum], ctx)
+        (train_loss,) = _all_reduce_mean([float(loss_sum) / accum], ctx)
         tps = tokens_per_step / dt
         metrics: dict[str, Any] = {
             "step": step,
@@ -368,6 +372,11 @@ def run_loop(
             "step_time_ms": dt * 1000,
             "tokens_seen": tokens_seen,
         }
+        # Every step goes to MLflow (asynchronously, from rank 0); Ray's report is a barrier
+        # across workers, so it only happens every log_every steps and at eval/checkpoints.
+        if not (do_eval or step % tc.log_every == 0 or step == 1):
+            tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+            continue
         if do_eval:
             val = evaluate(model, val_loader, tc.eval_batches, ctx, autocast)
             best_val = min(best_val, val)
@@ -382,6 +391,8 @@ def run_loop(
                 tracker.text("\n".join(texts), f"samples/step-{step:06d}.txt")
         tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
         ckpt_dir = None
+        if do_ckpt:
+            tracker.flush()  # the metrics up to a checkpoint are on record before it exists
         if do_ckpt and ctx.is_main:
             meta = {
                 "step": step,
@@ -406,6 +417,7 @@ def run_loop(
             )
         report(metrics, ckpt_dir, step)
         yield metrics
+    tracker.flush()
 
 
 def discard_report(metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
