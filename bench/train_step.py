@@ -4,7 +4,8 @@ One step is forward + backward + optimizer step on random token ids. Both models
 the same shape (layers, heads, width, positions, GPT-2's 50257-token vocabulary, dropout 0,
 tanh-GELU) and measured in the same run, each in a fresh spawned process so that its peak
 resident memory is its own and neither model's allocations (allocator caches, thread pools)
-colour the other's timing.
+colour the other's timing. The processes never compute at the same time: the parent hands out
+one step to each in turn, so load from other programs hits all models alike.
 
 Rows per size:
 
@@ -33,9 +34,11 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,14 +75,13 @@ class Result:
     step_ms_median: float
     step_ms_all: list[float]
     tokens_per_s: float
-    mfu: float
+    flops_per_token: float
     peak_rss_mib: float
-    base_rss_mib: float  # resident memory after imports, before the model exists
+    base_rss_mib: float  # resident memory after imports (torch, medgpt[, transformers])
     loss_first: float
     loss_last: float
     threads: int
-    # Median step time of every round (this result is the fastest round's), see --rounds.
-    round_step_ms: list[float] = field(default_factory=list)
+    mfu: float = float("nan")  # set by the parent once the peak is known
 
 
 def model_config(size: str) -> ModelConfig:
@@ -191,79 +193,164 @@ def _build(impl: str, config: ModelConfig) -> tuple[torch.nn.Module, Callable[..
     return hf, hf_loss
 
 
-def run_one(
-    size: str,
+class _Worker:
+    """One model in its own spawned interpreter, stepping only when the parent says so.
+
+    Spawned, not forked: a fork would inherit the parent's memory and torch state, and then
+    neither the peak RSS nor the allocator would be the model's own.
+    """
+
+    def __init__(self, impl: str, *args: Any) -> None:
+        self.impl = impl
+        self._conn, child = mp.get_context("spawn").Pipe()
+        self._proc = mp.get_context("spawn").Process(
+            target=_worker_main, args=(child, impl, *args), daemon=True
+        )
+        self._proc.start()
+        child.close()
+
+    def call(self, command: str) -> Any:
+        """Send ``command`` ("ready", "step" or "done") and wait for the worker's answer."""
+        if command != "ready":
+            self._conn.send(command)
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"{IMPLS[self.impl]} worker exited (code {self._proc.exitcode}); out of memory?"
+            ) from None
+        if kind == "error":
+            raise RuntimeError(f"{IMPLS[self.impl]} worker failed:\n{payload}")
+        return payload
+
+    def close(self) -> None:
+        self._conn.close()
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+def _worker_main(
+    conn: Connection,
     impl: str,
+    size: str,
     batch_size: int,
     seq_len: int,
-    steps: int,
-    warmup: int,
     threads: int | None,
     device_name: str,
     dtype: str,
-    peak_flops: float,
-) -> Result:
-    """Measure one model in this (fresh) process; the parent runs it in a spawned worker."""
-    from medgpt.training import configure_optimizer
+) -> None:
+    """Build one model and its optimizer, then run one timed training step per "step" request."""
+    try:
+        from medgpt.training import configure_optimizer
 
-    n_threads = _set_threads(threads)
-    device = torch.device(device_name)
+        n_threads = _set_threads(threads)
+        device = torch.device(device_name)
+        config = model_config(size)
+        if impl != "ours":
+            # Imported before the baseline reading, so the baseline holds each library's import
+            # cost and peak minus baseline is what the model and its training state take.
+            import transformers  # noqa: F401
+        base_rss = _rss_now_mib()
+
+        torch.manual_seed(SEED)
+        model, loss_fn = _build(impl, config)
+        model.to(device).train()
+        if impl == "hf_adamw":
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        else:
+            optimizer = configure_optimizer(model, lr=LR)
+        # The same random tokens for every model: T inputs plus one for ours' shifted targets.
+        gen = torch.Generator().manual_seed(SEED)
+        tokens = torch.randint(
+            config.vocab_size, (batch_size, seq_len + 1), generator=gen, dtype=torch.long
+        ).to(device)
+        conn.send(("ready", None))
+
+        while conn.recv() == "step":
+            _sync(device)
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, dtype):
+                loss = loss_fn(tokens)
+            loss.backward()
+            optimizer.step()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            conn.send(("step", (dt, loss.item())))  # .item() after the clock: it syncs GPUs
+
+        conn.send(
+            (
+                "done",
+                {
+                    # Tied tensors are yielded once by parameters(), so this is the real count.
+                    "n_params": sum(p.numel() for p in model.parameters()),
+                    "peak_rss_mib": _peak_rss_mib(),
+                    "base_rss_mib": base_rss,
+                    "threads": n_threads,
+                },
+            )
+        )
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def measure_size(size: str, args: argparse.Namespace) -> list[Result]:
+    """Time every model of ``args.impl_list`` at one size, interleaved step by step.
+
+    Each model lives in its own process, but only one process computes at a time: the parent
+    hands out one step to each in turn (rotating who goes first). A burst of load from other
+    programs on the machine then slows neighbouring steps of all models alike instead of all
+    the steps of whichever model happened to be running, which matters on small shared CPUs.
+    """
     config = model_config(size)
-    base_rss = _rss_now_mib()
+    worker_args = (size, args.batch_size, args.seq_len, args.threads, args.device, args.dtype)
+    workers = [_Worker(impl, *worker_args) for impl in args.impl_list]
+    try:
+        for w in workers:
+            w.call("ready")
+        times: dict[str, list[float]] = {impl: [] for impl in args.impl_list}
+        losses: dict[str, list[float]] = {impl: [] for impl in args.impl_list}
+        for step in range(args.warmup + args.steps):
+            print(f"  {size}: step {step + 1}/{args.warmup + args.steps}", file=sys.stderr)
+            k = step % len(workers)
+            for w in workers[k:] + workers[:k]:
+                dt, loss = w.call("step")
+                losses[w.impl].append(loss)
+                if step >= args.warmup:
+                    times[w.impl].append(dt)
+        stats = {w.impl: w.call("done") for w in workers}
+    finally:
+        for w in workers:
+            w.close()
 
-    torch.manual_seed(SEED)
-    model, loss_fn = _build(impl, config)
-    model.to(device).train()
-    if impl == "hf_adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    else:
-        optimizer = configure_optimizer(model, lr=LR)
-    n_params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
-
-    # The same random tokens for every model: T inputs plus one so ours can take shifted targets.
-    gen = torch.Generator().manual_seed(SEED)
-    tokens = torch.randint(
-        config.vocab_size, (batch_size, seq_len + 1), generator=gen, dtype=torch.long
-    ).to(device)
-
-    times: list[float] = []
-    losses: list[float] = []
-    for step in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, dtype):
-            loss = loss_fn(tokens)
-        loss.backward()
-        optimizer.step()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        losses.append(loss.item())  # after the clock: .item() would sync mid-step on GPUs
-        if step >= warmup:
-            times.append(dt)
-
-    median = statistics.median(times)
-    tokens_per_s = batch_size * seq_len / median
-    return Result(
-        size=size,
-        impl=impl,
-        label=IMPLS[impl],
-        n_params=n_params,
-        step_ms_median=median * 1e3,
-        step_ms_all=[t * 1e3 for t in times],
-        tokens_per_s=tokens_per_s,
-        mfu=flops_per_token(config, seq_len) * tokens_per_s / peak_flops,
-        peak_rss_mib=_peak_rss_mib(),
-        base_rss_mib=base_rss,
-        loss_first=losses[0],
-        loss_last=losses[-1],
-        threads=n_threads,
-    )
+    results = []
+    for impl in args.impl_list:
+        median = statistics.median(times[impl])
+        results.append(
+            Result(
+                size=size,
+                impl=impl,
+                label=IMPLS[impl],
+                n_params=stats[impl]["n_params"],
+                step_ms_median=median * 1e3,
+                step_ms_all=[t * 1e3 for t in times[impl]],
+                tokens_per_s=args.batch_size * args.seq_len / median,
+                flops_per_token=flops_per_token(config, args.seq_len),
+                peak_rss_mib=stats[impl]["peak_rss_mib"],
+                base_rss_mib=stats[impl]["base_rss_mib"],
+                loss_first=losses[impl][0],
+                loss_last=losses[impl][-1],
+                threads=stats[impl]["threads"],
+            )
+        )
+    return results
 
 
 def in_fresh_process(fn: Callable[..., R], *args: Any) -> R:
-    """Call ``fn(*args)`` in a new spawned interpreter (not forked: a fork would inherit this
-    process's memory and torch state) and return its result; worker errors re-raise here."""
+    """Call ``fn(*args)`` in a new spawned interpreter and return its result (errors re-raise)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 
@@ -295,6 +382,10 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _fmt_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load) + f" (1/5/15 min, {os.cpu_count()} cores)"
+
+
 def print_table(
     size: str, config: ModelConfig, rows: list[Result], args: argparse.Namespace
 ) -> None:
@@ -304,18 +395,18 @@ def print_table(
         f"n_positions={config.block_size} vocab={config.vocab_size}, {n / 1e6:.1f}M params; "
         f"batch {args.batch_size} x seq {args.seq_len} = {args.batch_size * args.seq_len} "
         f"tokens/step, {args.steps} measured steps after {args.warmup} warm-up"
-        + (f", fastest of {args.rounds} rounds" if args.rounds > 1 else "")
+        + ", steps interleaved across the models"
     )
     header = (
         f"{'impl':<33} {'tokens/s':>9} {'step ms':>9} {'MFU %':>6} "
-        f"{'peak RSS MiB':>12} {'(imports)':>9} {'loss 0':>7} {'loss N':>7}"
+        f"{'peak RSS MiB':>12} {'imports':>7} {'loss 0':>7} {'loss N':>7}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
             f"{r.label:<33} {r.tokens_per_s:>9.0f} {r.step_ms_median:>9.1f} {100 * r.mfu:>6.1f} "
-            f"{r.peak_rss_mib:>12.0f} {r.base_rss_mib:>9.0f} {r.loss_first:>7.3f} "
+            f"{r.peak_rss_mib:>12.0f} {r.base_rss_mib:>7.0f} {r.loss_first:>7.3f} "
             f"{r.loss_last:>7.3f}"
         )
     by_impl = {r.impl: r for r in rows}
@@ -350,13 +441,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="measured steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps before them")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="run every model this many times, interleaved, and keep each one's fastest "
-        "round (other load on the machine only ever slows a round down); default 1",
-    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument(
         "--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (cuda only)"
@@ -375,8 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: CUDA is not available")
     if args.dtype == "bf16" and not args.device.startswith("cuda"):
         p.error("--dtype bf16 is for --device cuda (CPU runs are fp32)")
-    if min(args.batch_size, args.seq_len, args.steps, args.rounds) < 1 or args.warmup < 0:
-        p.error("--batch-size, --seq-len, --steps and --rounds must be >= 1, --warmup >= 0")
+    if min(args.batch_size, args.seq_len, args.steps) < 1 or args.warmup < 0:
+        p.error("--batch-size, --seq-len and --steps must be >= 1, --warmup >= 0")
     args.size_list = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for size in args.size_list:
         try:
@@ -401,15 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {info['torch']}, transformers {info['transformers']}"
         + (f", GPU {info['gpu']}" if "gpu" in info else "")
     )
-    if args.peak_tflops:
-        peak, peak_src = args.peak_tflops * 1e12, "given by --peak-tflops"
-    else:
-        peak = in_fresh_process(measure_peak_flops, args.device, args.dtype, args.threads)
-        peak_src = f"measured: best 2048x2048 {args.dtype} matmul, same thread count"
-    load = os.getloadavg()
     # Other processes share the cores on small machines; a high figure here means noisy timings.
-    print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"device {args.device}, {args.dtype}; MFU peak {peak / 1e12:.3f} TFLOP/s ({peak_src})")
+    load_before = os.getloadavg()
+    print(f"device {args.device}, {args.dtype}; load average before: {_fmt_load(load_before)}")
+    peaks: list[float] = []
+    if not args.peak_tflops:
+        peaks.append(in_fresh_process(measure_peak_flops, args.device, args.dtype, args.threads))
     print(
         "optimizers: medgpt + HF rows use medgpt.training.configure_optimizer(lr=6e-4) "
         "(fused AdamW, decay on matrices only); the last row uses "
@@ -421,40 +502,31 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results: list[Result] = []
+    tables: list[tuple[str, ModelConfig, list[Result]]] = []
     for size in args.size_list:
         config = model_config(size)
-        runs: dict[str, list[Result]] = {impl: [] for impl in args.impl_list}
-        # Round-robin rather than all rounds of one model then the next, so that a burst of
-        # load from elsewhere hits the models alike instead of one of them.
-        for rnd in range(args.rounds):
-            for impl in args.impl_list:
-                print(
-                    f"  running {size} / {IMPLS[impl]} (round {rnd + 1}/{args.rounds}) ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                runs[impl].append(
-                    in_fresh_process(
-                        run_one,
-                        size,
-                        impl,
-                        args.batch_size,
-                        args.seq_len,
-                        args.steps,
-                        args.warmup,
-                        args.threads,
-                        args.device,
-                        args.dtype,
-                        peak,
-                    )
-                )
-        rows = []
-        for results_of_impl in runs.values():
-            best = min(results_of_impl, key=lambda r: r.step_ms_median)
-            best.round_step_ms = [r.step_ms_median for r in results_of_impl]
-            rows.append(best)
-        print_table(size, config, rows, args)
+        rows = measure_size(size, args)
+        tables.append((size, config, rows))
         results.extend(rows)
+    load_after = os.getloadavg()
+
+    if args.peak_tflops:
+        peak, peak_src = args.peak_tflops * 1e12, "given by --peak-tflops"
+    else:
+        # Measured again after the runs and the higher one kept: load from elsewhere can only
+        # lower a measurement, and a low peak would inflate every MFU.
+        peaks.append(in_fresh_process(measure_peak_flops, args.device, args.dtype, args.threads))
+        peak = max(peaks)
+        peak_src = (
+            f"measured: 2048x2048 {args.dtype} matmul at the same thread count, best of before/after "
+            f"the runs ({' / '.join(f'{p / 1e12:.3f}' for p in peaks)})"
+        )
+    for r in results:
+        r.mfu = r.flops_per_token * r.tokens_per_s / peak
+    print(f"MFU peak {peak / 1e12:.3f} TFLOP/s ({peak_src})")
+    print(f"load average after: {_fmt_load(load_after)}")
+    for size, config, rows in tables:
+        print_table(size, config, rows, args)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -468,9 +540,8 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": args.seq_len,
             "steps": args.steps,
             "warmup": args.warmup,
-            "rounds": args.rounds,
-            "load_average_before": load,
-            "load_average_after": os.getloadavg(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
             "results": [asdict(r) for r in results],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
