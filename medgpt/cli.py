@@ -131,9 +131,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         apply_overrides(load_yaml(recipe_path), [f"train.data_dir={args.data}", *(args.set or [])])
     )
     summary = train(recipe)
-    print(
-        f"best checkpoint: {summary['best_checkpoint']} (val_loss {summary['best_val_loss']:.3f})"
-    )
+    print(f"best checkpoint: {summary['best_checkpoint']} (val_loss {summary['best_val_loss']})")
     print(f"MLflow run id:   {summary['mlflow_run_id']}")
     uri = summary["mlflow_tracking_uri"]
     print(f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {uri}")
