@@ -339,9 +339,9 @@ def test_manifest_other_format(copy_dir, content):
 
 
 def test_manifest_newer_format_version(copy_dir):
-    # A version-2 layout must not be read as if it were version 1.
+    # A version-3 layout must not be read as if it were version 2.
     manifest = json.loads((copy_dir / "manifest.json").read_text(encoding="utf-8"))
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (copy_dir / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(DataError, match="version"):
         TokenShards(copy_dir, "train")

@@ -16,7 +16,7 @@ import pytest
 
 import medgpt.data.prepare as prep
 from medgpt.cli import main
-from medgpt.data.prepare import PrepareConfig, clean_text, prepare
+from medgpt.data.prepare import INDEX_DTYPE, PrepareConfig, clean_text, prepare
 from medgpt.data.sources import SourceSpec
 from medgpt.errors import ConfigError, DataError
 from medgpt.tokenizer import get_tokenizer
@@ -138,7 +138,7 @@ def test_output_layout_and_manifest(tmp_path, corpus):
     disk = manifest_of(out)
     assert {k: v for k, v in m.items() if not k.startswith("_")} == disk
     assert disk["format"] == "medgpt-token-shards"
-    assert disk["format_version"] == 1
+    assert disk["format_version"] == 2
     assert disk["dtype"] == "uint16"
     assert disk["tokenizer"] == {"name": "gpt2", "n_vocab": 50257, "eot": EOT}
     assert disk["documents_read"] == 60
@@ -163,6 +163,16 @@ def test_output_layout_and_manifest(tmp_path, corpus):
         toks = tokens_of(out, split)
         assert toks.max() <= EOT
         assert int((toks == EOT).sum()) == info["documents"]
+        # The document index: one record per document, at its EOT, naming its source.
+        index = np.fromfile(out / info["index"]["file"], dtype=INDEX_DTYPE)
+        assert info["index"]["file"] == f"{split}_index.bin"
+        assert info["index"]["documents"] == len(index) == info["documents"]
+        assert hashlib.sha256(index.tobytes()).hexdigest() == info["index"]["sha256"]
+        expected_files.add(info["index"]["file"])
+        assert index["start"].tolist() == np.flatnonzero(toks == EOT).tolist()
+        names = [disk["sources"][i] for i in index["source"]]
+        for name in disk["per_source"]:
+            assert names.count(name) == disk["per_source"][name][split]["documents"]
         # per-source counts add up to the split totals
         assert sum(v[split]["documents"] for v in disk["per_source"].values()) == info["documents"]
         assert sum(v[split]["tokens"] for v in disk["per_source"].values()) == info["tokens"]
@@ -334,6 +344,23 @@ def test_rerun_into_same_folder_is_unchanged(tmp_path, corpus):
     assert not list(out.glob(".staging-*"))
 
 
+def test_dataset_of_an_older_format_is_rebuilt_in_place(tmp_path, corpus):
+    # A folder prepared by an older medgpt (format 1, no document index) with the same recipe
+    # is upgraded by running prepare again, without --overwrite.
+    sources, _ = corpus
+    out = tmp_path / "out"
+    run(sources, out, shard_tokens=64, val_fraction=0.3)
+    manifest = manifest_of(out)
+    manifest["format_version"] = 1
+    for split in ("train", "val"):
+        (out / manifest["splits"][split].pop("index")["file"]).unlink()
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    m = run(sources, out, shard_tokens=64, val_fraction=0.3)
+    assert m["_status"] == "written"
+    assert manifest_of(out)["format_version"] == 2
+    assert (out / "val_index.bin").is_file()
+
+
 def test_stale_staging_folder_is_swept(tmp_path, corpus):
     sources, _ = corpus
     out = tmp_path / "out"
@@ -471,6 +498,7 @@ def test_overwrite_replaces_dataset(tmp_path, corpus):
     assert disk["recipe"]["seed"] == 2
     assert disk["recipe"]["shard_tokens"] == 256
     listed = {s["file"] for sp in ("train", "val") for s in disk["splits"][sp]["shards"]}
+    listed |= {disk["splits"][sp]["index"]["file"] for sp in ("train", "val")}
     assert {p.name for p in out.iterdir()} == listed | {"manifest.json"}  # old shards gone
     assert len(listed) + 1 < n_old_files
     assert sorted(docs_of(out, "train") + docs_of(out, "val")) == sorted(cleaned)

@@ -4,7 +4,12 @@ Output folder::
 
     OUT/train_0000.bin ...   uint16 little-endian GPT-2 token ids, ``shard_tokens`` per file
     OUT/val_0000.bin ...
+    OUT/train_index.bin      per document: int64 start offset in the split's token stream and
+    OUT/val_index.bin        int64 source id (position in the manifest's ``sources`` list)
     OUT/manifest.json        recipe, counts per split and per source, shard sha256, content hash
+
+The index is what lets evaluation score whole documents and break the loss down per source
+(e.g. per MedQuAD site) without re-reading the corpus.
 
 Every document is preceded by GPT-2's end-of-text token, so the stream starts with EOT and
 documents never run into each other. The split is decided per document from a seeded hash of
@@ -44,11 +49,12 @@ from medgpt.tokenizer import EOT_ID, N_VOCAB, TOKENIZER_NAME, get_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "medgpt-token-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: document index files
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits
+INDEX_DTYPE = np.dtype([("start", "<i8"), ("source", "<i8")])
 _STAGING_PREFIX = ".staging-"
-_SHARD_RE = re.compile(r"^(train|val)_\d{4,}\.bin$")
+_SHARD_RE = re.compile(r"^(train|val)_(\d{4,}|index)\.bin$")
 
 
 @dataclasses.dataclass
@@ -174,6 +180,29 @@ class _ShardWriter:
             self._file = None
 
 
+class _IndexWriter:
+    """Appends one (start, source id) record per document of one split."""
+
+    def __init__(self, folder: Path, split: str) -> None:
+        self.name = f"{split}_index.bin"
+        self._file = open(folder / self.name, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._hash = hashlib.sha256()
+        self.documents = 0
+
+    def write(self, start: int, source: int) -> None:
+        record = np.array([(start, source)], dtype=INDEX_DTYPE).tobytes()
+        self._file.write(record)
+        self._hash.update(record)
+        self.documents += 1
+
+    def finish(self) -> dict[str, Any]:
+        self._file.close()
+        return {"file": self.name, "documents": self.documents, "sha256": self._hash.hexdigest()}
+
+    def abort(self) -> None:
+        self._file.close()
+
+
 def _batched(
     docs: Iterable[tuple[Document, str]], size: int
 ) -> Iterator[list[tuple[Document, str]]]:
@@ -218,6 +247,8 @@ def _check_out_dir(out: Path, cfg: PrepareConfig) -> dict[str, Any] | None:
         problem = None if isinstance(old, dict) and old.get("format") == FORMAT else "not ours"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         old, problem = None, str(e)
+    if problem is None and old.get("format_version") != FORMAT_VERSION:
+        return {}  # an older layout of (possibly) the same data: rebuilt and replaced below
     if problem is not None:
         if cfg.overwrite:
             return {}  # replaced wholesale below
@@ -251,7 +282,7 @@ def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
             shutil.rmtree(staging)
             manifest["_status"] = "unchanged"
         else:
-            if old_manifest is not None and not cfg.overwrite:
+            if old_manifest and not cfg.overwrite:
                 # The recipe matched (checked up front), so the input files changed.
                 raise DataError(
                     f"--out {out} already holds a dataset built from different input "
@@ -288,6 +319,8 @@ def _install(staging: Path, out: Path, manifest_bytes: bytes) -> None:
 def _build(cfg: PrepareConfig, folder: Path, progress: bool | None) -> dict[str, Any]:
     enc = get_tokenizer()
     writers = {s: _ShardWriter(folder, s, cfg.shard_tokens) for s in SPLITS}
+    indexes = {s: _IndexWriter(folder, s) for s in SPLITS}
+    source_ids: dict[str, int] = {}  # in order of first appearance: deterministic
     per_source: dict[str, dict[str, dict[str, int]]] = defaultdict(
         lambda: {s: {"documents": 0, "tokens": 0} for s in SPLITS}
     )
@@ -335,6 +368,8 @@ def _build(cfg: PrepareConfig, folder: Path, progress: bool | None) -> dict[str,
         while len(pending) > block_until:
             batch, fut = pending.pop(0)
             for (doc, split), arr in zip(batch, fut.result(), strict=True):
+                sid = source_ids.setdefault(doc.source, len(source_ids))
+                indexes[split].write(writers[split].tokens, sid)
                 writers[split].write(arr)
                 stats = per_source[doc.source][split]
                 stats["documents"] += 1
@@ -348,7 +383,7 @@ def _build(cfg: PrepareConfig, folder: Path, progress: bool | None) -> dict[str,
                 drain(2 * workers)  # bounded: at most 2 batches per thread in flight
             drain(0)
         except BaseException:
-            for w in writers.values():
+            for w in [*writers.values(), *indexes.values()]:
                 w.abort()
             raise
         finally:
@@ -359,7 +394,14 @@ def _build(cfg: PrepareConfig, folder: Path, progress: bool | None) -> dict[str,
     for s in SPLITS:
         shards = writers[s].finish()
         docs = sum(v[s]["documents"] for v in per_source.values())
-        splits[s] = {"documents": docs, "tokens": writers[s].tokens, "shards": shards}
+        index = indexes[s].finish()
+        assert index["documents"] == docs
+        splits[s] = {
+            "documents": docs,
+            "tokens": writers[s].tokens,
+            "shards": shards,
+            "index": index,
+        }
     total_docs = sum(splits[s]["documents"] for s in SPLITS)
     names = ", ".join(s.uri for s in cfg.specs)
     if total_docs == 0:
@@ -377,6 +419,9 @@ def _build(cfg: PrepareConfig, folder: Path, progress: bool | None) -> dict[str,
     for s in SPLITS:
         for shard in splits[s]["shards"]:
             content.update(f"{shard['file']} {shard['tokens']} {shard['sha256']}\n".encode())
+        index = splits[s]["index"]
+        content.update(f"{index['file']} {index['documents']} {index['sha256']}\n".encode())
+    content.update(json.dumps(list(source_ids)).encode())
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -385,6 +430,7 @@ def _build(cfg: PrepareConfig, folder: Path, progress: bool | None) -> dict[str,
         "recipe": cfg.recipe(),
         "splits": splits,
         "per_source": {k: per_source[k] for k in sorted(per_source)},
+        "sources": list(source_ids),
         "documents_read": read,
         "dropped": dropped,
         "content_hash": content.hexdigest(),
