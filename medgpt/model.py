@@ -161,16 +161,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position of ``idx`` (B, T) and, given ``targets``, the mean loss.
+    def features(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), before the output head.
 
-        ``targets`` are the next tokens (already shifted); ``-1`` marks positions not scored.
-        With ``kv_cache``, ``idx`` holds only the new positions, which start at ``kv_cache.pos``.
+        Exposed so that callers scoring only some positions (evaluation) can apply the
+        50257-wide head to those rows alone, in chunks, instead of materialising all logits.
         """
         T = idx.shape[1]
         start = kv_cache.pos if kv_cache is not None else 0
@@ -182,10 +177,22 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, cache, start)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
         if kv_cache is not None:
             kv_cache.pos = start + T
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position of ``idx`` (B, T) and, given ``targets``, the mean loss.
+
+        ``targets`` are the next tokens (already shifted); ``-1`` marks positions not scored.
+        With ``kv_cache``, ``idx`` holds only the new positions, which start at ``kv_cache.pos``.
+        """
+        logits = self.lm_head(self.features(idx, kv_cache))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
