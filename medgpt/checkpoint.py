@@ -16,7 +16,9 @@ under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -172,3 +174,60 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{f}: corrupt training state (not a mapping)")
     return state
+
+
+SERVING_FILES = (WEIGHTS, CONFIG, META)
+RUN_RESULT = "medgpt-result.json"  # written by medgpt.launch beside Ray's run folder contents
+
+
+def serving_sha256(path: str | os.PathLike[str]) -> str:
+    """One hash over the files serving needs (names and contents): what the registry stores
+    and checks on the way back. ``train_state.pt`` is not part of a registered model."""
+    folder = Path(path)
+    total = hashlib.sha256()
+    for name in SERVING_FILES:
+        f = folder / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (not a complete medgpt checkpoint)")
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        total.update(f"{name}\0{h.hexdigest()}\n".encode())
+    return total.hexdigest()
+
+
+def copy_serving_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SERVING_FILES:
+        shutil.copy2(Path(src) / name, out / name)
+    return out
+
+
+def best_in_run(run_dir: str | os.PathLike[str]) -> Path:
+    """The best checkpoint of a training run folder (``<storage>/<run name>``): the one its
+    result file names, else the checkpoint with the lowest recorded val_loss, else the latest."""
+    folder = Path(run_dir)
+    result = folder / RUN_RESULT
+    if result.is_file():
+        try:
+            best = json.loads(result.read_text(encoding="utf-8")).get("best_checkpoint")
+        except (ValueError, AttributeError):
+            best = None
+        if best and is_checkpoint(best):
+            return Path(best)
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and is_checkpoint(p))
+    if not found:
+        raise CheckpointError(f"{folder}: a folder without medgpt checkpoints")
+
+    def key(p: Path) -> tuple[float, float]:
+        try:
+            meta = read_meta(p)
+        except CheckpointError:
+            return (math.inf, 0.0)
+        loss = meta.get("val_loss")
+        loss = float(loss) if isinstance(loss, (int, float)) else math.inf
+        return (loss, -float(meta.get("step") or 0))
+
+    return min(found, key=key)

@@ -171,6 +171,108 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the model: a checkpoint folder, a training run folder (its best checkpoint), an "
+        "MLflow run id or runs:/ID, models:/NAME@ALIAS or models:/NAME/VERSION, or a Hugging "
+        "Face GPT-2 folder",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="DATA",
+        help="a prepared dataset folder (scored on --split), or any source `medgpt prepare` "
+        "accepts, tokenised on the fly (repeatable for several sources)",
+    )
+    p.add_argument("--split", default="val", help="split of a prepared dataset (%(default)s)")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="another checkpoint or HF GPT-2 folder scored on the same tokens (repeatable)",
+    )
+    p.add_argument("--max-loss", type=float, help="the gate: PASS (exit 0) when loss <= this")
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="on PASS, register the checkpoint in the MLflow registry and move the alias to it",
+    )
+    p.add_argument("--model-name", default="medgpt", help="registered model name (%(default)s)")
+    p.add_argument("--alias", default="champion", help="alias moved on PASS (%(default)s)")
+    p.add_argument("--out", help="report folder (default: <storage>/evaluations/<name>-<time>)")
+    p.add_argument(
+        "--storage", default="runs", help="MLflow store / downloads folder (%(default)s)"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite under --storage)",
+    )
+    p.add_argument(
+        "--no-mlflow", dest="mlflow", action="store_false", help="do not record in MLflow"
+    )
+    p.add_argument(
+        "--stride", type=int, help="window advance for long documents (half the context)"
+    )
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (%(default)s)")
+    p.add_argument("--no-samples", dest="samples", action="store_false", help="skip completions")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medgpt.evaluation import EvalConfig, GateRequest, run_gate
+
+    req = GateRequest(
+        checkpoint=args.checkpoint,
+        data=args.data,
+        split=args.split,
+        baselines=args.baseline,
+        max_loss=args.max_loss,
+        register=args.register,
+        model_name=args.model_name,
+        alias=args.alias,
+        out=args.out,
+        storage_path=args.storage,
+        tracking_uri=args.tracking_uri,
+        mlflow=args.mlflow,
+        eval=EvalConfig(
+            stride=args.stride,
+            batch_tokens=args.batch_tokens,
+            device=args.device,
+            samples=args.samples,
+        ),
+    )
+    report = run_gate(req, progress=False if args.quiet else None)
+    return print_gate(report)
+
+
+def print_gate(report: dict[str, Any]) -> int:
+    """The evaluation's summary lines; returns the gate's exit status (0 pass/no gate, 1 fail)."""
+    for m in [report["model"], *report["baselines"]]:
+        print(
+            f"{m['label']:<10} loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}  "
+            f"({m['tokens']:,} tokens, {m['documents']:,} documents)  {m['spec']}"
+        )
+    print(f"report:    {report['report_dir']}/report.md")
+    if report.get("mlflow"):
+        print(f"MLflow:    run {report['mlflow']['run_id']} ({report['mlflow']['tracking_uri']})")
+    gate = report.get("gate")
+    if gate is None:
+        return 0
+    if not gate["passed"]:
+        print(f"FAIL: loss {gate['loss']:.4f} > {gate['max_loss']}")
+        return 1
+    print(f"PASS: loss {gate['loss']:.4f} <= {gate['max_loss']}")
+    reg = report.get("registered")
+    if reg:
+        print(f"registered {reg['model_uri']}; alias {reg['alias']!r} -> version {reg['version']}")
+    return 0
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", help="YAML recipe (sections model/train/job), e.g. configs/tiny-cpu.yaml"
@@ -214,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_arguments(t)
     t.set_defaults(func=cmd_train)
+    e = sub.add_parser(
+        "evaluate",
+        help="held-out loss/perplexity report and the readiness gate (exit 0 PASS, 1 FAIL)",
+        description="Score a model on held-out data (every token once, per source), write a "
+        "JSON/Markdown/PNG report, record it in MLflow; with --max-loss, PASS (exit 0) or FAIL "
+        "(exit 1); with --register, a PASS becomes a registry version with the alias moved to "
+        "it. Bad input exits 2. Example: medgpt evaluate --checkpoint runs/tiny-cpu --data "
+        "data/icd10cm --max-loss 5 --register",
+    )
+    _add_evaluate_arguments(e)
+    e.set_defaults(func=cmd_evaluate)
     q = sub.add_parser(
         "quickstart",
         help="run the main job on the embedded defaults (offline ICD-10-CM corpus)",

@@ -1,0 +1,788 @@
+"""Held-out evaluation and the readiness gate.
+
+The loss is measured per document, the way the model is used: each document starts at its
+end-of-text token and is scored at its full length, never running into its neighbours. A
+document longer than the model's context is cut into windows of ``block_size`` tokens that
+advance by ``stride``; each window scores only the targets no earlier window scored, so every
+token is scored exactly once and, after the first window, with at least
+``block_size - stride`` tokens of context. ``stride = 1`` gives every token the full context
+(slowest); the default, half the context, is the usual trade-off.
+
+The mean is over tokens (not documents or batches), accumulated in float64, so it does not
+depend on batch size or order. Per-source figures come from the dataset's document index
+(``medgpt prepare``) or from the reader of a raw source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from medgpt.config import ConfigError
+from medgpt.errors import DataError
+from medgpt.model import GPT
+from medgpt.tokenizer import EOT_ID, N_VOCAB, TOKENIZER_NAME
+
+# Fixed prompts and seeds: sample completions of two evaluations are comparable.
+SAMPLE_PROMPTS = (
+    "Diabetes mellitus is",
+    "What are the symptoms of asthma?",
+    "Hypertension can be treated with",
+    "Acute bronchitis",
+)
+SAMPLE_SEED = 1234
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """How ``medgpt evaluate`` scores a model (see the module docstring)."""
+
+    stride: int | None = None  # None = half the model's context
+    batch_tokens: int = 8192  # padded tokens per forward pass
+    head_chunk: int = 2048  # rows per output-head matmul (bounds the logits' memory)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    sample_tokens: int = 48
+    samples: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError(
+                f"stride: must be >= 1 (or unset for half the context), got {self.stride}"
+            )
+        if self.batch_tokens < 1:
+            raise ConfigError(f"batch_tokens: must be >= 1, got {self.batch_tokens}")
+        if self.head_chunk < 1:
+            raise ConfigError(f"head_chunk: must be >= 1, got {self.head_chunk}")
+        if self.sample_tokens < 1:
+            raise ConfigError(f"sample_tokens: must be >= 1, got {self.sample_tokens}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: {self.device!r} (allowed: auto, cpu, cuda, cuda:N)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device on this machine (use cpu or auto)")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Inputs ``tokens[start:end]``, targets ``tokens[start + 1:end + 1]``; the last ``scored``
+    targets count."""
+
+    start: int
+    end: int
+    scored: int
+
+
+def plan_windows(n_tokens: int, block_size: int, stride: int) -> list[Window]:
+    """Windows covering the targets 1..n_tokens-1 of a document exactly once."""
+    if block_size < 1 or stride < 1:
+        raise ValueError("block_size and stride must be >= 1")
+    last = n_tokens - 1  # index of the last target
+    if last < 1:
+        return []
+    if last <= block_size:
+        return [Window(0, last, last)]
+    stride = min(stride, block_size)
+    windows = [Window(0, block_size, block_size)]
+    done = block_size  # targets 1..done are scored
+    while done < last:
+        end = min(done + stride, last)
+        windows.append(Window(end - block_size, end, end - done))
+        done = end
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+@dataclasses.dataclass
+class EvalData:
+    """Documents to score: (source name, tokens starting with EOT), plus what describes them."""
+
+    description: dict[str, Any]
+    documents: Iterable[tuple[str, np.ndarray]]
+    total_targets: int | None = None  # for the progress bar, when known up front
+
+
+def prepared_documents(data_dir: str | Path, split: str = "val") -> EvalData:
+    """The documents of one split of a prepared dataset, memory-mapped."""
+    from medgpt.data.loader import TokenShards
+    from medgpt.data.prepare import INDEX_DTYPE
+
+    shards = TokenShards(data_dir, split)
+    manifest = shards.manifest
+    info = manifest["splits"][split]
+    index_path = Path(data_dir) / info["index"]["file"]
+    if not index_path.is_file():
+        raise DataError(f"{index_path}: document index listed in the manifest is missing")
+    if index_path.stat().st_size != info["documents"] * INDEX_DTYPE.itemsize:
+        raise DataError(
+            f"{index_path}: wrong size for {info['documents']} documents; prepare again"
+        )
+    index = np.memmap(index_path, dtype=INDEX_DTYPE, mode="r") if info["documents"] else None
+    names = manifest.get("sources") or []
+
+    def docs() -> Iterator[tuple[str, np.ndarray]]:
+        if index is None:
+            return
+        starts = [int(s) for s in index["start"]] + [shards.n_tokens]
+        for i, sid in enumerate(index["source"]):
+            a, b = starts[i], starts[i + 1]
+            if not 0 <= a < b <= shards.n_tokens:
+                raise DataError(f"{index_path}: document {i} spans [{a}, {b}); prepare again")
+            name = names[int(sid)] if 0 <= int(sid) < len(names) else f"source-{int(sid)}"
+            yield name, shards.read(a, b - a)
+
+    return EvalData(
+        description={
+            "kind": "prepared",
+            "path": str(Path(data_dir).resolve()),
+            "split": split,
+            "content_hash": manifest["content_hash"],
+            "tokenizer": manifest.get("tokenizer", {}),
+        },
+        documents=docs(),
+        total_targets=info["tokens"] - info["documents"],
+    )
+
+
+def source_documents(uris: list[str]) -> EvalData:
+    """Documents read and tokenised on the fly from any source ``medgpt prepare`` accepts
+    (cleaned the same way, duplicates kept; nothing is written anywhere)."""
+    from medgpt.data.prepare import clean_text
+    from medgpt.data.sources import SourceSpec, read_source
+    from medgpt.tokenizer import get_tokenizer
+
+    specs = [SourceSpec(uri=u) for u in uris]
+    enc = get_tokenizer()
+    digest = hashlib.sha256()
+    description: dict[str, Any] = {
+        "kind": "source",
+        "sources": list(uris),
+        "tokenizer": {"name": TOKENIZER_NAME, "n_vocab": N_VOCAB, "eot": EOT_ID},
+    }
+
+    def docs() -> Iterator[tuple[str, np.ndarray]]:
+        for spec in specs:
+            for doc in read_source(spec):
+                text = clean_text(doc.text)
+                if not text:
+                    continue
+                arr = np.array([EOT_ID, *enc.encode_ordinary(text)], dtype=np.int64)
+                digest.update(arr.astype("<u2").tobytes())
+                yield doc.source, arr
+        # Known only once everything was read: a hash of exactly the tokens scored.
+        description["content_hash"] = digest.hexdigest()
+
+    return EvalData(description=description, documents=docs())
+
+
+def load_eval_data(data: list[str], split: str = "val") -> EvalData:
+    """A prepared dataset folder (its ``split``), or one or more raw sources."""
+    from medgpt.data.prepare import MANIFEST
+
+    if not data:
+        raise ConfigError("give the evaluation data: a prepared dataset folder or a source")
+    prepared = [d for d in data if (Path(d) / MANIFEST).is_file()]
+    if prepared:
+        if len(data) > 1:
+            raise ConfigError(
+                f"{prepared[0]} is a prepared dataset: evaluate it alone (raw sources may be "
+                "combined, prepared datasets may not)"
+            )
+        return prepared_documents(prepared[0], split)
+    return source_documents(list(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclasses.dataclass
+class SourceScore:
+    nll: float = 0.0  # summed negative log-likelihood, nats
+    tokens: int = 0
+    documents: int = 0
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens if self.tokens else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss,
+            "perplexity": perplexity(self.loss),
+            "tokens": self.tokens,
+            "documents": self.documents,
+        }
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+@dataclasses.dataclass
+class Scores:
+    per_source: dict[str, SourceScore]
+    seconds: float
+
+    @property
+    def total(self) -> SourceScore:
+        t = SourceScore()
+        for s in self.per_source.values():
+            t.nll += s.nll
+            t.tokens += s.tokens
+            t.documents += s.documents
+        return t
+
+
+@torch.no_grad()
+def score_documents(
+    models: list[GPT],
+    documents: Iterable[tuple[str, np.ndarray]],
+    cfg: EvalConfig,
+    device: torch.device,
+    total_targets: int | None = None,
+    progress: bool | None = None,
+) -> list[Scores]:
+    """Score every model on the same documents in one pass over the data (so raw sources are
+    read and tokenised once). Returns one Scores per model."""
+    for m in models:
+        m.eval()
+    results = [defaultdict(SourceScore) for _ in models]
+    plans = [(m.config.block_size, cfg.stride or max(1, m.config.block_size // 2)) for m in models]
+    seconds = [0.0] * len(models)
+    bar = tqdm(
+        total=total_targets,
+        unit=" tok",
+        unit_scale=True,
+        desc="evaluating",
+        disable=None if progress is None else not progress,
+    )
+    pending: list[tuple[str, np.ndarray]] = []
+    pending_tokens = 0
+    # Documents are gathered in groups of about 16 forward passes' worth, so windows of
+    # similar length batch together (less padding) while memory stays bounded.
+    group_tokens = 16 * cfg.batch_tokens
+
+    def flush() -> None:
+        nonlocal pending_tokens
+        if not pending:
+            return
+        for i, model in enumerate(models):
+            t0 = time.perf_counter()
+            _score_group(model, pending, plans[i], cfg, device, results[i])
+            seconds[i] += time.perf_counter() - t0
+        bar.update(sum(len(toks) - 1 for _, toks in pending))
+        pending.clear()
+        pending_tokens = 0
+
+    try:
+        for source, toks in documents:
+            if len(toks) < 2:
+                continue  # a document with no text after its EOT has nothing to score
+            if int(toks.max()) >= min(m.config.vocab_size for m in models):
+                raise DataError(
+                    f"token id {int(toks.max())} is outside the model's vocabulary "
+                    f"({min(m.config.vocab_size for m in models)} ids): data and model use "
+                    "different tokenizers"
+                )
+            pending.append((source, toks))
+            pending_tokens += len(toks)
+            if pending_tokens >= group_tokens:
+                flush()
+        flush()
+    finally:
+        bar.close()
+    return [Scores(dict(sorted(r.items())), s) for r, s in zip(results, seconds, strict=True)]
+
+
+def _score_group(
+    model: GPT,
+    docs: list[tuple[str, np.ndarray]],
+    plan: tuple[int, int],
+    cfg: EvalConfig,
+    device: torch.device,
+    out: dict[str, SourceScore],
+) -> None:
+    block_size, stride = plan
+    items: list[tuple[int, Window]] = []  # (document number, window)
+    for d, (source, toks) in enumerate(docs):
+        out[source].documents += 1
+        items.extend((d, w) for w in plan_windows(len(toks), block_size, stride))
+    items.sort(key=lambda it: it[1].end - it[1].start, reverse=True)
+    batch: list[tuple[int, Window]] = []
+    for item in items:
+        longest = batch[0][1].end - batch[0][1].start if batch else item[1].end - item[1].start
+        if batch and (len(batch) + 1) * longest > cfg.batch_tokens:
+            _score_batch(model, docs, batch, cfg, device, out)
+            batch = []
+        batch.append(item)
+    if batch:
+        _score_batch(model, docs, batch, cfg, device, out)
+
+
+def _score_batch(
+    model: GPT,
+    docs: list[tuple[str, np.ndarray]],
+    batch: list[tuple[int, Window]],
+    cfg: EvalConfig,
+    device: torch.device,
+    out: dict[str, SourceScore],
+) -> None:
+    T = max(w.end - w.start for _, w in batch)
+    x = np.zeros((len(batch), T), dtype=np.int64)  # right padding: causal attention ignores it
+    y = np.full((len(batch), T), -1, dtype=np.int64)
+    for r, (d, w) in enumerate(batch):
+        toks = docs[d][1]
+        n = w.end - w.start
+        x[r, :n] = toks[w.start : w.end]
+        y[r, n - w.scored : n] = toks[w.end - w.scored + 1 : w.end + 1]
+    xt = torch.from_numpy(x).to(device)
+    yt = torch.from_numpy(y).to(device)
+    hidden = model.features(xt)
+    rows, cols = torch.nonzero(yt >= 0, as_tuple=True)
+    nll = torch.empty(len(rows), dtype=torch.float64, device=device)
+    for a in range(0, len(rows), cfg.head_chunk):
+        r, c = rows[a : a + cfg.head_chunk], cols[a : a + cfg.head_chunk]
+        logits = model.lm_head(hidden[r, c]).float()
+        nll[a : a + len(r)] = F.cross_entropy(logits, yt[r, c], reduction="none").double()
+    per_row = torch.zeros(len(batch), dtype=torch.float64, device=device)
+    per_row.index_add_(0, rows, nll)
+    for r, value in enumerate(per_row.tolist()):
+        d, w = batch[r]
+        score = out[docs[d][0]]
+        score.nll += value
+        score.tokens += w.scored
+
+
+def sample_completions(model: GPT, max_new_tokens: int) -> list[dict[str, Any]]:
+    from medgpt.generation import complete
+
+    return [
+        {
+            "prompt": p,
+            "seed": SAMPLE_SEED + i,
+            "completion": complete(model, p, max_new_tokens, 0.8, 40, SAMPLE_SEED + i),
+        }
+        for i, p in enumerate(SAMPLE_PROMPTS)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: resolve, score, report, record, gate, register
+
+
+@dataclasses.dataclass
+class GateRequest:
+    """Everything ``medgpt evaluate`` was asked to do."""
+
+    checkpoint: str
+    data: list[str]
+    split: str = "val"
+    baselines: list[str] = dataclasses.field(default_factory=list)
+    max_loss: float | None = None
+    register: bool = False
+    model_name: str = "medgpt"
+    alias: str = "champion"
+    out: str | None = None  # report folder; default <storage>/evaluations/<label>-<time>
+    storage_path: str = "runs"  # where the default MLflow store, reports and downloads live
+    tracking_uri: str | None = None
+    experiment: str = "medgpt-evaluation"  # for evaluations of checkpoints without a run
+    mlflow: bool = True
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        from medgpt.data.prepare import SPLITS
+
+        if self.split not in SPLITS:
+            raise ConfigError(f"split: {self.split!r} (allowed: {', '.join(SPLITS)})")
+        if self.max_loss is not None and not (self.max_loss > 0 and math.isfinite(self.max_loss)):
+            raise ConfigError(f"max_loss: must be a positive number of nats, got {self.max_loss}")
+        if self.register and self.max_loss is None:
+            raise ConfigError(
+                "--register needs --max-loss: only a model that passed the gate is registered"
+            )
+        if self.register and not self.mlflow:
+            raise ConfigError("--register needs MLflow (drop --no-mlflow)")
+        for field, value in (("model_name", self.model_name), ("alias", self.alias)):
+            if not value or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", value):
+                raise ConfigError(
+                    f"{field}: {value!r} (allowed: letters, digits, '_', '.', '-'; "
+                    "starting with a letter or digit)"
+                )
+        if re.fullmatch(r"v\d+|latest", self.alias):
+            raise ConfigError(f"alias: {self.alias!r} is reserved by MLflow (use e.g. champion)")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A model to score, where it came from, and what is known about its training."""
+
+    label: str
+    spec: str
+    path: Path
+    model: GPT
+    kind: str  # medgpt-checkpoint | hf-gpt2
+    meta: dict[str, Any]
+    tokenizer: str
+    registry: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        from medgpt.model import count_params
+
+        return {
+            "label": self.label,
+            "spec": self.spec,
+            "path": str(self.path),
+            "kind": self.kind,
+            "step": self.meta.get("step"),
+            "train_val_loss": self.meta.get("val_loss"),
+            "mlflow_run_id": self.meta.get("mlflow_run_id"),
+            "data_manifest_hash": self.meta.get("data_manifest_hash"),
+            "params": count_params(self.model.config, non_embedding=False),
+            "block_size": self.model.config.block_size,
+            "registry": self.registry,
+        }
+
+
+def resolve_checkpoint(spec: str, uri: str | None, cache_dir: Path) -> tuple[Path, dict | None]:
+    """A local folder for any way of naming a model; see ``medgpt evaluate --help``."""
+    from medgpt import tracking
+    from medgpt.checkpoint import best_in_run, is_checkpoint
+    from medgpt.errors import CheckpointError
+
+    if spec.startswith("models:/"):
+        if uri is None:
+            raise ConfigError(f"{spec}: a registry URI needs MLflow (drop --no-mlflow)")
+        return tracking.fetch_registered(uri, spec, cache_dir)
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{spec}: a file; expected a checkpoint or run folder")
+        if is_checkpoint(path) or (path / "config.json").is_file():
+            return path, None  # ours, or a Hugging Face folder (checked when loaded)
+        return best_in_run(path), None
+    if tracking.is_run_reference(spec):
+        if uri is None:
+            raise ConfigError(f"{spec}: an MLflow run needs MLflow (drop --no-mlflow)")
+        folder, _ = tracking.fetch_run_checkpoint(uri, spec, cache_dir)
+        return folder, None
+    raise CheckpointError(
+        f"no such checkpoint: {spec} (expected a checkpoint folder, a training run folder, a "
+        "Hugging Face GPT-2 folder, an MLflow run id / runs:/ID, or models:/NAME@ALIAS | "
+        "models:/NAME/VERSION)"
+    )
+
+
+def load_candidate(
+    label: str, spec: str, uri: str | None, cache_dir: Path, device: torch.device
+) -> Candidate:
+    from medgpt.checkpoint import is_checkpoint, load_model, read_config, read_meta
+    from medgpt.model import load_hf_gpt2
+
+    path, registry = resolve_checkpoint(spec, uri, cache_dir)
+    if is_checkpoint(path):
+        _, raw = read_config(path)
+        model = load_model(path, device=device)
+        return Candidate(
+            label,
+            spec,
+            path,
+            model,
+            "medgpt-checkpoint",
+            read_meta(path),
+            str(raw.get("tokenizer")),
+            registry,
+        )
+    # An HF GPT-2 folder: the tokenizer is GPT-2's by construction of load_hf_gpt2's checks.
+    model = load_hf_gpt2(path).to(device)
+    return Candidate(label, spec, path, model, "hf-gpt2", {}, TOKENIZER_NAME, registry)
+
+
+def check_compatible(c: Candidate, data: EvalData) -> None:
+    tok = data.description.get("tokenizer", {})
+    if c.tokenizer != tok.get("name") or int(tok.get("n_vocab", 0)) > c.model.config.vocab_size:
+        raise DataError(
+            f"{c.spec}: model uses tokenizer {c.tokenizer!r} with {c.model.config.vocab_size} ids, "
+            f"the data was tokenized with {tok.get('name')!r} ({tok.get('n_vocab')} ids); "
+            "evaluate on data prepared for this model"
+        )
+
+
+def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -> dict[str, Any]:
+    """Score, write the report, record it in MLflow, apply the gate, register on PASS.
+
+    Returns the report (``report["gate"]["passed"]`` decides the exit status)."""
+    from medgpt import tracking
+
+    storage = Path(req.storage_path).resolve()
+    uri = tracking.tracking_uri_for(str(storage), req.tracking_uri) if req.mlflow else None
+    cache = storage / "downloads"
+    device = resolve_device(req.eval.device)
+    data = load_eval_data(req.data, req.split)
+    main = load_candidate("model", req.checkpoint, uri, cache, device)
+    if req.register and main.kind != "medgpt-checkpoint":
+        raise ConfigError(f"{req.checkpoint}: only medgpt checkpoints can be registered")
+    candidates = [main] + [
+        load_candidate(
+            f"baseline {i + 1}" if len(req.baselines) > 1 else "baseline", b, uri, cache, device
+        )
+        for i, b in enumerate(req.baselines)
+    ]
+    for c in candidates:
+        check_compatible(c, data)
+
+    log(f"evaluating {main.path} on {describe_data(data.description)} ({device})")
+    started = time.perf_counter()
+    scores = score_documents(
+        [c.model for c in candidates],
+        data.documents,
+        req.eval,
+        device,
+        data.total_targets,
+        progress,
+    )
+    total = scores[0].total
+    if total.tokens == 0:
+        raise DataError(
+            f"empty evaluation data: no tokens to score in {describe_data(data.description)}"
+        )
+    results = []
+    for c, s in zip(candidates, scores, strict=True):
+        t = s.total
+        results.append(
+            {
+                **c.describe(),
+                "loss": t.loss,
+                "perplexity": perplexity(t.loss),
+                "tokens": t.tokens,
+                "documents": t.documents,
+                "seconds": s.seconds,
+                "tokens_per_s": t.tokens / s.seconds if s.seconds else None,
+                "per_source": {k: v.as_dict() for k, v in s.per_source.items()},
+                "samples": sample_completions(c.model, req.eval.sample_tokens)
+                if req.eval.samples
+                else [],
+            }
+        )
+    gate = None
+    if req.max_loss is not None:
+        gate = {"max_loss": req.max_loss, "loss": total.loss, "passed": total.loss <= req.max_loss}
+    report: dict[str, Any] = {
+        "format": "medgpt-evaluation",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": data.description,
+        "method": {
+            "unit": "nats per token (mean over every scored token)",
+            "stride": req.eval.stride,
+            "batch_tokens": req.eval.batch_tokens,
+            "device": str(device),
+        },
+        "model": results[0],
+        "baselines": results[1:],
+        "gate": gate,
+        "registered": None,
+        "mlflow": None,
+        "seconds": time.perf_counter() - started,
+    }
+    out = _report_dir(req, storage, main)
+    write_report(report, out)
+
+    if uri is not None:
+        run_id, is_training_run = tracking.evaluation_run(
+            uri, main.meta.get("mlflow_run_id"), req.experiment, f"eval-{out.name}"
+        )
+        metrics = {
+            "eval_loss": total.loss,
+            "eval_perplexity": perplexity(total.loss),
+            "eval_tokens": float(total.tokens),
+        }
+        for name, v in results[0]["per_source"].items():
+            metrics[tracking.metric_key(f"eval_loss.{name}")] = v["loss"]
+        for b in results[1:]:
+            metrics[tracking.metric_key(f"eval_loss.{b['label']}")] = b["loss"]
+        tags = {"eval.checkpoint": str(main.path), "eval.data": describe_data(data.description)}
+        if gate is not None:
+            tags["eval.gate"] = "PASS" if gate["passed"] else "FAIL"
+            tags["eval.max_loss"] = str(req.max_loss)
+        report["mlflow"] = {"tracking_uri": uri, "run_id": run_id, "training_run": is_training_run}
+        if gate is not None and gate["passed"] and req.register:
+            report["registered"] = tracking.register_checkpoint(
+                uri,
+                main.path,
+                run_id,
+                req.model_name,
+                req.alias,
+                tags=_version_tags(main, total.loss, data.description),
+            )
+        write_report(report, out)
+        tracking.log_evaluation(uri, run_id, metrics, tags, out)
+    report["report_dir"] = str(out)
+    return report
+
+
+def _version_tags(c: Candidate, loss: float, data: dict[str, Any]) -> dict[str, str]:
+    from medgpt import tracking
+
+    tags = {
+        "eval_loss": f"{loss:.6f}",
+        "eval_data": describe_data(data),
+        "eval_data_hash": str(data.get("content_hash", "")),
+        "val_loss": str(c.meta.get("val_loss", "")),
+        "data_manifest_hash": str(c.meta.get("data_manifest_hash", "")),
+        "training_run_id": str(c.meta.get("mlflow_run_id", "")),
+        "step": str(c.meta.get("step", "")),
+    }
+    commit = tracking.git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    return {k: v for k, v in tags.items() if v}
+
+
+def describe_data(d: dict[str, Any]) -> str:
+    if d.get("kind") == "prepared":
+        return f"{d['path']} ({d['split']} split)"
+    return ", ".join(d.get("sources", []))
+
+
+def _report_dir(req: GateRequest, storage: Path, c: Candidate) -> Path:
+    if req.out:
+        return Path(req.out).resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{c.path.parent.name}-{c.path.name}")[:80]
+    return storage / "evaluations" / f"{name}-{stamp}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Report files
+
+REPORT_FILES = ("report.json", "report.md", "per_source_loss.png")
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    """Write report.json, report.md and per_source_loss.png into ``out`` atomically (a
+    staging folder renamed into place; a previous report there is replaced)."""
+    if out.exists() and (
+        not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())
+    ):
+        raise ConfigError(f"--out {out}: exists and is not an evaluation report folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "report.md").write_text(render_markdown(report))
+        per_source_png(report, tmp / "per_source_loss.png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, float) and math.isfinite(x) else "–"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    models = [report["model"], *report["baselines"]]
+    data = report["data"]
+    lines = [
+        f"# Evaluation of {report['model']['path']}",
+        "",
+        f"Data: {describe_data(data)} — {report['model']['documents']:,} documents, "
+        f"{report['model']['tokens']:,} scored tokens, content hash "
+        f"`{str(data.get('content_hash', ''))[:16]}`. Loss in nats per token, every token "
+        "scored once.",
+        "",
+        "| model | loss | perplexity | step | params | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in models:
+        lines.append(
+            f"| {m['label']}: `{m['spec']}` | {_fmt(m['loss'])} | {_fmt(m['perplexity'], 2)} | "
+            f"{m.get('step') if m.get('step') is not None else '–'} | {m['params']:,} | "
+            f"{_fmt(m.get('tokens_per_s'), 0)} |"
+        )
+    gate = report.get("gate")
+    if gate:
+        verdict = "PASS" if gate["passed"] else "FAIL"
+        op = "<=" if gate["passed"] else ">"
+        lines += ["", f"**Gate: {verdict}** — loss {gate['loss']:.4f} {op} {gate['max_loss']}"]
+    reg = report.get("registered")
+    if reg:
+        lines += ["", f"Registered as `{reg['model_uri']}`, alias `{reg['alias']}`."]
+    lines += ["", "## Per source", ""]
+    header = "| source | documents | tokens | " + " | ".join(f"loss ({m['label']})" for m in models)
+    lines += [header + " |", "|---|---:|---:|" + "---:|" * len(models)]
+    for name, s in report["model"]["per_source"].items():
+        losses = " | ".join(_fmt(m["per_source"].get(name, {}).get("loss")) for m in models)
+        lines.append(f"| {name} | {s['documents']:,} | {s['tokens']:,} | {losses} |")
+    for m in models:
+        if m.get("samples"):
+            lines += ["", f"## Samples ({m['label']}; temperature 0.8, top-k 40, fixed seeds)", ""]
+            for s in m["samples"]:
+                text = " ".join(s["completion"].split())
+                lines.append(f"- **{s['prompt']}** {text}")
+    return "\n".join(lines) + "\n"
+
+
+def per_source_png(report: dict[str, Any], path: Path, max_sources: int = 30) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [report["model"], *report["baselines"]]
+    per = report["model"]["per_source"]
+    names = sorted(per, key=lambda n: -per[n]["tokens"])[:max_sources]
+    names.sort()
+    height = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * len(names) * max(1, len(models) * 0.6)))
+    for i, m in enumerate(models):
+        values = [m["per_source"].get(n, {}).get("loss", math.nan) for n in names]
+        ys = [j + i * height for j in range(len(names))]
+        ax.barh(ys, values, height=height, label=f"{m['label']} ({_fmt(m['loss'], 3)})")
+    ax.set_yticks([j + height * (len(models) - 1) / 2 for j in range(len(names))])
+    ax.set_yticklabels([n[:40] for n in names], fontsize=8)
+    ax.invert_yaxis()
+    gate = report.get("gate")
+    if gate:
+        ax.axvline(
+            gate["max_loss"], color="crimson", ls="--", lw=1, label=f"gate {gate['max_loss']}"
+        )
+    ax.set_xlabel("loss (nats/token)")
+    ax.set_title("held-out loss per source", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
