@@ -400,6 +400,9 @@ def register_checkpoint(
         staged = copy_serving_files(checkpoint, Path(tmp) / CHECKPOINT_ARTIFACT)
         if serving_sha256(staged) != sha:
             raise CheckpointError(f"{checkpoint}: files changed while being registered")
+        # start_run(run_id) marks the run FINISHED on exit: put back the status it had, so
+        # registering a checkpoint of a training run still in progress does not end it.
+        status = client.get_run(run_id).info.status
         try:
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
@@ -414,6 +417,9 @@ def register_checkpoint(
             raise CheckpointError(
                 f"registering {model_name!r} failed: {_mlflow_message(e)}"
             ) from None
+        finally:
+            if client.get_run(run_id).info.status != status:
+                client.update_run(run_id, status=status)
     version = str(info.registered_model_version)
     for k, v in {**tags, SHA_TAG: sha}.items():
         client.set_model_version_tag(model_name, version, k, v)

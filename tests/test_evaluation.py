@@ -505,6 +505,8 @@ def test_evaluation_is_logged_to_the_training_run(registry) -> None:
 
     client = MlflowClient(tracking_uri=registry["uri"])
     run = client.get_run(registry["train_run"])
+    # The training run was still RUNNING: logging and registering did not end it.
+    assert run.info.status == "RUNNING"
     r1 = json.loads((registry["root"] / "r1/report.json").read_text())
     assert r1["mlflow"] == {
         "tracking_uri": registry["uri"],

@@ -232,6 +232,53 @@ def test_ray_job_submit_runs_train_job(ray_cluster, icd_data, tmp_path) -> None:
     summary = json.loads((tmp_path / "runs/submitted/medgpt-result.json").read_text())
     assert summary["final_step"] == 6
 
+    # The gate as a job: a FAIL fails the job (exit 1), a PASS registers the run's best model.
+    evaluate = [
+        *cmd[: cmd.index("--") + 1], sys.executable, str(REPO / "jobs/evaluate.py"),
+        "--checkpoint", str(tmp_path / "runs/submitted"), "--data", str(icd_data),
+        "--storage", str(tmp_path / "runs"), "--register", "--no-samples",
+    ]  # fmt: skip
+    failed = subprocess.run(
+        [*evaluate, "--max-loss", "0.01"], capture_output=True, text=True, env=env, timeout=600
+    )
+    out = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "FAIL: loss" in out, out[-4000:]
+    passed = subprocess.run(
+        [*evaluate, "--max-loss", "20"], capture_output=True, text=True, env=env, timeout=600
+    )
+    out = passed.stdout + passed.stderr
+    assert passed.returncode == 0 and "PASS: loss" in out, out[-4000:]
+    assert "registered models:/medgpt/1; alias 'champion' -> version 1" in out
+
+
+def test_gate_on_a_trained_run_records_into_its_store(reference, icd_data, storage, tmp_path):
+    from medgpt.checkpoint import read_meta, serving_sha256
+    from medgpt.cli import main
+    from medgpt.tracking import fetch_registered
+
+    out = tmp_path / "report"
+    rc = main(
+        ["evaluate", "--quiet", "--checkpoint", str(storage / "reference"), "--data",
+         str(icd_data), "--storage", str(storage), "--max-loss", "20", "--register",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["path"] == reference["best_checkpoint"]
+    assert report["mlflow"]["run_id"] == reference["mlflow_run_id"]
+    assert report["mlflow"]["training_run"] is True
+    uri = reference["mlflow_tracking_uri"]
+    assert report["mlflow"]["tracking_uri"] == uri
+    history = _mlflow(uri).get_metric_history(reference["mlflow_run_id"], "eval_loss")
+    assert [m.value for m in history] == [report["model"]["loss"]]
+
+    folder, info = fetch_registered(uri, "models:/medgpt@champion", tmp_path / "cache")
+    assert serving_sha256(folder) == serving_sha256(reference["best_checkpoint"])
+    meta = read_meta(reference["best_checkpoint"])
+    assert info["tags"]["training_run_id"] == reference["mlflow_run_id"]
+    assert info["tags"]["data_manifest_hash"] == meta["data_manifest_hash"]
+    assert info["run_id"] == reference["mlflow_run_id"]
+
 
 def test_corrupt_checkpoint_on_resume_names_the_file(ray_cluster, icd_data, storage) -> None:
     recipe = tiny_recipe(icd_data, storage, "corrupt", **{"train.max_steps": 3})
