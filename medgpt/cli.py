@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -231,7 +232,10 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite under --storage)",
     )
     p.add_argument(
-        "--no-mlflow", dest="mlflow", action="store_false", help="do not record in MLflow"
+        "--no-mlflow",
+        dest="mlflow",
+        action="store_false",
+        help="record nothing in MLflow (models:/ and run references are still read from it)",
     )
     p.add_argument(
         "--stride", type=int, help="window advance for long documents (half the context)"
@@ -265,6 +269,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             samples=args.samples,
         ),
     )
+    if args.quiet:  # MLflow's own download bars too
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     report = run_gate(req, progress=False if args.quiet else None)
     return print_gate(report)
 

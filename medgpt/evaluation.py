@@ -471,15 +471,13 @@ class Candidate:
         }
 
 
-def resolve_checkpoint(spec: str, uri: str | None, cache_dir: Path) -> tuple[Path, dict | None]:
+def resolve_checkpoint(spec: str, uri: str, cache_dir: Path) -> tuple[Path, dict | None]:
     """A local folder for any way of naming a model; see ``medgpt evaluate --help``."""
     from medgpt import tracking
     from medgpt.checkpoint import best_in_run, is_checkpoint
     from medgpt.errors import CheckpointError
 
     if spec.startswith("models:/"):
-        if uri is None:
-            raise ConfigError(f"{spec}: a registry URI needs MLflow (drop --no-mlflow)")
         return tracking.fetch_registered(uri, spec, cache_dir)
     path = Path(spec)
     if path.exists():
@@ -489,8 +487,6 @@ def resolve_checkpoint(spec: str, uri: str | None, cache_dir: Path) -> tuple[Pat
             return path, None  # ours, or a Hugging Face folder (checked when loaded)
         return best_in_run(path), None
     if tracking.is_run_reference(spec):
-        if uri is None:
-            raise ConfigError(f"{spec}: an MLflow run needs MLflow (drop --no-mlflow)")
         folder, _ = tracking.fetch_run_checkpoint(uri, spec, cache_dir)
         return folder, None
     raise CheckpointError(
@@ -501,7 +497,7 @@ def resolve_checkpoint(spec: str, uri: str | None, cache_dir: Path) -> tuple[Pat
 
 
 def load_candidate(
-    label: str, spec: str, uri: str | None, cache_dir: Path, device: torch.device
+    label: str, spec: str, uri: str, cache_dir: Path, device: torch.device
 ) -> Candidate:
     from medgpt.checkpoint import is_checkpoint, load_model, read_config, read_meta
     from medgpt.model import load_hf_gpt2
@@ -542,7 +538,8 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
     from medgpt import tracking
 
     storage = Path(req.storage_path).resolve()
-    uri = tracking.tracking_uri_for(str(storage), req.tracking_uri) if req.mlflow else None
+    # Resolving models:/ and run references reads MLflow even when nothing is to be recorded.
+    uri = tracking.tracking_uri_for(str(storage), req.tracking_uri)
     cache = storage / "downloads"
     device = resolve_device(req.eval.device)
     data = load_eval_data(req.data, req.split)
@@ -557,6 +554,8 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
     ]
     for c in candidates:
         check_compatible(c, data)
+    out = _report_dir(req, storage, main)
+    _check_report_dir(out)  # before the work, not after it
 
     log(f"evaluating {main.path} on {describe_data(data.description)} ({device})")
     started = time.perf_counter()
@@ -611,10 +610,9 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
         "mlflow": None,
         "seconds": time.perf_counter() - started,
     }
-    out = _report_dir(req, storage, main)
     write_report(report, out)
 
-    if uri is not None:
+    if req.mlflow:
         run_id, is_training_run = tracking.evaluation_run(
             uri, main.meta.get("mlflow_run_id"), req.experiment, f"eval-{out.name}"
         )
@@ -685,13 +683,17 @@ def _report_dir(req: GateRequest, storage: Path, c: Candidate) -> Path:
 REPORT_FILES = ("report.json", "report.md", "per_source_loss.png")
 
 
-def write_report(report: dict[str, Any], out: Path) -> Path:
-    """Write report.json, report.md and per_source_loss.png into ``out`` atomically (a
-    staging folder renamed into place; a previous report there is replaced)."""
+def _check_report_dir(out: Path) -> None:
     if out.exists() and (
         not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())
     ):
         raise ConfigError(f"--out {out}: exists and is not an evaluation report folder")
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    """Write report.json, report.md and per_source_loss.png into ``out`` atomically (a
+    staging folder renamed into place; a previous report there is replaced)."""
+    _check_report_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

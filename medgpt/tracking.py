@@ -9,6 +9,7 @@ run when a run name is resumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,25 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@contextlib.contextmanager
+def _using(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at ``uri`` for a block.
+
+    Some calls ignore their ``tracking_uri=`` argument part of the way down (downloading a
+    registered version resolves its logged model through the global store), so without
+    this they would read — and create — ``./mlflow.db`` in the working directory."""
+    import mlflow
+
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
 def _mlflow_message(e: BaseException) -> str:
     msg = getattr(e, "message", None) or str(e)
     return msg.splitlines()[0] if msg else type(e).__name__
@@ -258,14 +279,15 @@ def fetch_registered(uri: str, model_uri: str, cache_dir: Path) -> tuple[Path, d
         import mlflow
 
         try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{v.name}/{v.version}",
-                    dst_path=str(tmp),
-                    tracking_uri=uri,
-                    registry_uri=uri,
+            with _using(uri):
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=f"models:/{v.name}/{v.version}",
+                        dst_path=str(tmp),
+                        tracking_uri=uri,
+                        registry_uri=uri,
+                    )
                 )
-            )
         except (MlflowException, OSError) as e:
             raise CheckpointError(f"{model_uri}: download failed ({_mlflow_message(e)})") from None
         folder = local / "artifacts" / CHECKPOINT_ARTIFACT
@@ -295,11 +317,12 @@ def fetch_run_checkpoint(uri: str, spec: str, cache_dir: Path) -> tuple[Path, st
 
     def fetch(tmp: Path) -> Path:
         try:
-            return Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=path, dst_path=str(tmp), tracking_uri=uri
+            with _using(uri):
+                return Path(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=path, dst_path=str(tmp), tracking_uri=uri
+                    )
                 )
-            )
         except (MlflowException, OSError) as e:
             raise CheckpointError(
                 f"run {run_id} has no checkpoint at {path!r} ({_mlflow_message(e)})"
@@ -393,10 +416,8 @@ def register_checkpoint(
 
     sha = serving_sha256(checkpoint)
     code = Path(__file__).with_name("mlflow_model.py")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     client = _client(uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _using(uri):
         staged = copy_serving_files(checkpoint, Path(tmp) / CHECKPOINT_ARTIFACT)
         if serving_sha256(staged) != sha:
             raise CheckpointError(f"{checkpoint}: files changed while being registered")

@@ -553,6 +553,27 @@ def test_evaluating_a_registry_uri(registry, corpus, tmp_path) -> None:
     assert report["model"]["loss"] == pytest.approx(r2["model"]["loss"], abs=1e-9)
 
 
+def test_registry_uri_in_a_fresh_process_touches_only_the_named_store(registry, corpus, tmp_path):
+    # A new process has no MLflow URIs set globally; nothing may fall back to ./mlflow.db.
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "medgpt.cli", "evaluate", "--quiet", "--no-samples",
+        "--checkpoint", "models:/medgpt/1", "--data", str(corpus["data"]),
+        "--tracking-uri", registry["uri"], "--storage", str(tmp_path / "s"), "--no-mlflow",
+        "--out", str(tmp_path / "rep"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Downloading artifacts" not in proc.stderr  # --quiet silences MLflow's bars too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep", "s"]
+    r1 = json.loads((registry["root"] / "r1/report.json").read_text())
+    assert json.loads((tmp_path / "rep/report.json").read_text())["model"]["loss"] == pytest.approx(
+        r1["model"]["loss"], abs=1e-9
+    )
+
+
 def test_tampered_registry_artifact_is_refused(registry, corpus, tmp_path, capsys) -> None:
     # Damage the stored copy of version 1 in the local artifact store.
     stored = [
