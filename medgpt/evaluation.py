@@ -55,7 +55,7 @@ class EvalConfig:
 
     stride: int | None = None  # None = half the model's context
     batch_tokens: int = 8192  # padded tokens per forward pass
-    head_chunk: int = 2048  # rows per output-head matmul (bounds the logits' memory)
+    head_chunk: int = 512  # rows per output-head matmul: bounds the logits to ~100 MB
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     sample_tokens: int = 48
     samples: bool = True
