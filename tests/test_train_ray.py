@@ -288,3 +288,22 @@ def test_corrupt_checkpoint_on_resume_names_the_file(ray_cluster, icd_data, stor
     recipe["train"]["max_steps"] = 6
     with pytest.raises(TrainingError, match=r"model\.safetensors"):
         train(Recipe.from_dict(recipe))
+
+
+def test_quickstart_prepares_trains_and_gates(ray_cluster, tmp_path, capsys) -> None:
+    """The README's main job, shortened: prepare, train on Ray, gate, register the champion."""
+    from medgpt.cli import main
+    from medgpt.tracking import model_version
+
+    storage, data = tmp_path / "runs", tmp_path / "icd10cm"
+    rc = main(
+        ["quickstart", "--data", str(data), "--max-loss", "20",
+         "--set", f"job.storage_path={storage}", "--set", "train.max_steps=4"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    for line in ("[1/3] preparing", "[2/3] training", "[3/3] readiness gate", "PASS: loss"):
+        assert line in out
+    assert "registered models:/medgpt/1; alias 'champion' -> version 1" in out
+    v = model_version(f"sqlite:///{storage / 'mlflow.db'}", "models:/medgpt@champion")
+    assert str(v.version) == "1" and v.tags["step"] == "4"
