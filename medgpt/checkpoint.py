@@ -177,7 +177,7 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 SERVING_FILES = (WEIGHTS, CONFIG, META)
-RUN_RESULT = "medgpt-result.json"  # written by medgpt.launch beside Ray's run folder contents
+RUN_RESULT = "medgpt-result.json"  # medgpt.launch writes it into each training run's folder
 
 
 def serving_sha256(path: str | os.PathLike[str]) -> str:

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medgpt.checkpoint import RUN_RESULT as RESULT_FILE
 from medgpt.config import Recipe
 from medgpt.data.loader import WindowLoader
 from medgpt.errors import ConfigError, MedgptError
 from medgpt.training import check_dataset, resolve_model_config, train_loop_per_worker
-
-RESULT_FILE = "medgpt-result.json"
 
 
 class TrainingError(MedgptError):
