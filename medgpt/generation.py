@@ -1,15 +1,83 @@
-"""Sampling from a GPT with its KV cache.
+"""Decoding: sampling and a continuous-batching engine over the KV cache (no Ray, no HTTP).
 
-This is the single-sequence sampler the training loop uses for its sample completions; the
-batched serving engine builds on the same pieces.
+The :class:`Engine` owns one batched KV cache with ``max_batch_size`` rows. Each
+:meth:`Engine.step` admits waiting requests (prefilling each prompt straight into a free row),
+then decodes one token for every running request in a single forward pass, each row at its own
+position. A request that finishes leaves at once and its row is reused by the next one, so
+nobody waits for the longest request in a batch. Requests are submitted and cancelled from any
+thread; ``step`` runs in one thread at a time (the server runs it off its event loop).
+
+Sampling is per request: temperature (0 = greedy), top-k, top-p and a seed that drives that
+request's own generator, so the same seed and prompt give the same text whether the request
+ran alone or beside others. Text is streamed as it becomes valid UTF-8; stop strings are
+held back until they can no longer match, and are not part of the output.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
 
 import torch
 
 from medgpt.model import GPT, KVCache
 from medgpt.tokenizer import EOT_ID, get_tokenizer
+
+MAX_STOP_STRINGS = 4
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    seed: int | None = None  # None = a fresh random seed
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature: must be in [0, 2], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits (V,) with everything outside the top-k / nucleus set to -inf."""
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits.double(), dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    return logits
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """One token from last-position logits (V,) with this request's generator."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    # Inverse-CDF sampling in float64 from one uniform draw: the choice depends only on the
+    # generator and the distribution, not on the batch the logits were computed in.
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)
+    u = torch.rand((), generator=gen, dtype=torch.float64) * cdf[-1]
+    return int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp(max=cdf.numel() - 1))
 
 
 def sample_next(
@@ -19,17 +87,228 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V). temperature 0 = greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    gen = generator or torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4)))
+    params = SamplingParams(temperature=temperature, top_k=top_k)
+    return torch.tensor([sample_token(row, params, gen) for row in logits])
 
 
-@torch.no_grad()
+@dataclasses.dataclass
+class Event:
+    """What one step produced for one request."""
+
+    request_id: str
+    text: str  # new text, possibly empty (an incomplete UTF-8 character, a held-back stop)
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | cancelled
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Sequence:
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self.request_id, self.prompt, self.params = request_id, prompt, params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8)) >> 1
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.generated: list[int] = []
+        self.row = -1
+        self.pending = b""  # bytes of an incomplete UTF-8 character
+        self.text = ""  # all text decoded so far (stop strings included)
+        self.emitted = 0  # characters of self.text already streamed
+        self.last = -1  # the token to feed next
+        self.submitted = time.perf_counter()
+
+    @property
+    def position(self) -> int:  # where self.last goes in the cache
+        return len(self.prompt) + len(self.generated) - 1
+
+
+class Engine:
+    """Continuous batching over one KV cache. See the module docstring."""
+
+    def __init__(self, model: GPT, max_batch_size: int = 8, max_queue: int | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.max_len = model.config.block_size
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.cache = KVCache(model.config, max_batch_size, device=self.device, dtype=dtype)
+        self.enc = get_tokenizer()
+        self._lock = threading.Lock()
+        self._waiting: deque[_Sequence] = deque()
+        self._cancelled: set[str] = set()
+        self._running: list[_Sequence] = []  # row i of the cache is self._running[i]
+        self._ids: set[str] = set()
+
+    # -- called from any thread -------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.enc.encode_ordinary(prompt)
+
+    def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
+        """Queue a request; returns its prompt length in tokens. An empty prompt starts from
+        end-of-text (an unconditional sample)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = ids or [EOT_ID]
+        if len(ids) + params.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
+                f"the model's context of {self.max_len} tokens"
+            )
+        with self._lock:
+            if request_id in self._ids:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests already waiting")
+            self._ids.add(request_id)
+            self._waiting.append(_Sequence(request_id, ids, params))
+        return len(ids)
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._ids:
+                self._cancelled.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running or self._cancelled)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    # -- the step loop (one thread at a time) -----------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            dropped = [s for s in self._waiting if s.request_id in cancelled]
+            for seq in dropped:
+                self._waiting.remove(seq)
+            free = self.max_batch_size - len(self._running)
+            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        events.extend(self._finish(seq, "cancelled") for seq in dropped)
+        for seq in [s for s in self._running if s.request_id in cancelled]:
+            self._release(seq)
+            events.append(self._finish(seq, "cancelled"))
+        decoding = list(self._running)
+        if decoding:
+            idx = torch.tensor([s.last for s in decoding], device=self.device)
+            pos = torch.tensor([s.position for s in decoding], device=self.device)
+            logits = self.model.decode_step(idx, pos, self.cache)
+            for seq, row in zip(decoding, logits, strict=True):
+                events.append(self._advance(seq, row))
+        for seq in admitted:  # prefill: the prompt goes straight into a free cache row
+            seq.row = len(self._running)
+            self._running.append(seq)
+            view = self.cache.row(seq.row)
+            prompt = torch.tensor([seq.prompt], device=self.device)
+            logits, _ = self.model(prompt, kv_cache=view)
+            events.append(self._advance(seq, logits[0, -1]))
+        return events
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
+        token = sample_token(logits, seq.params, seq.gen)
+        if token == EOT_ID:
+            self._release(seq)
+            return self._finish(seq, "stop", flush=True)
+        seq.generated.append(token)
+        seq.last = token
+        seq.pending += self.enc.decode_single_token_bytes(token)
+        try:
+            seq.text += seq.pending.decode("utf-8")
+            seq.pending = b""
+        except UnicodeDecodeError as e:
+            if e.reason == "unexpected end of data":  # wait for the rest of the character
+                seq.text += seq.pending[: e.start].decode("utf-8")
+                seq.pending = seq.pending[e.start :]
+            else:
+                seq.text += seq.pending.decode("utf-8", errors="replace")
+                seq.pending = b""
+        stop_at = self._find_stop(seq)
+        if stop_at is not None:
+            seq.text = seq.text[:stop_at]
+            self._release(seq)
+            return self._finish(seq, "stop", tokens=[token])
+        if len(seq.generated) >= seq.params.max_new_tokens or seq.position >= self.max_len:
+            self._release(seq)
+            return self._finish(seq, "length", tokens=[token], flush=True)
+        # Stream what can no longer become part of a stop string.
+        hold = self._held_back(seq)
+        new = seq.text[seq.emitted : len(seq.text) - hold]
+        seq.emitted += len(new)
+        return Event(seq.request_id, new, [token], prompt_tokens=len(seq.prompt),
+                     completion_tokens=len(seq.generated))  # fmt: skip
+
+    @staticmethod
+    def _find_stop(seq: _Sequence) -> int | None:
+        hits = [
+            i
+            for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in seq.params.stop)
+            if i >= 0
+        ]
+        return min(hits) if hits else None
+
+    @staticmethod
+    def _held_back(seq: _Sequence) -> int:
+        hold = 0
+        for s in seq.params.stop:
+            for n in range(min(len(s) - 1, len(seq.text) - seq.emitted), 0, -1):
+                if seq.text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return hold
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free the sequence's cache row, moving the last running row into it."""
+        if seq.row < 0:
+            return
+        last = self._running.pop()
+        if last is not seq:
+            self.cache.move_row(last.row, seq.row)
+            last.row = seq.row
+            self._running[seq.row] = last
+        seq.row = -1
+
+    def _finish(
+        self, seq: _Sequence, reason: str, tokens: list[int] | None = None, flush: bool = False
+    ) -> Event:
+        if flush and seq.pending:
+            seq.text += seq.pending.decode("utf-8", errors="replace")
+            seq.pending = b""
+        new = seq.text[seq.emitted :]
+        seq.emitted = len(seq.text)
+        with self._lock:
+            self._ids.discard(seq.request_id)
+        return Event(seq.request_id, new, tokens or [], True, reason, len(seq.prompt),
+                     len(seq.generated))  # fmt: skip
+
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> dict[str, Any]:
+        """Run one request to completion on this engine (no other requests must be using it
+        from another thread). Returns text, token ids and the finish reason."""
+        rid = f"solo-{os.urandom(6).hex()}"
+        n_prompt = self.submit(rid, prompt, params)
+        text, tokens = [], []
+        while True:
+            for ev in self.step():
+                if ev.request_id == rid:
+                    text.append(ev.text)
+                    tokens.extend(ev.token_ids)
+                    if ev.finished:
+                        return {"text": "".join(text), "token_ids": tokens,
+                                "finish_reason": ev.finish_reason, "prompt_tokens": n_prompt}  # fmt: skip
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is at its limit (the server answers 503 + Retry-After)."""
+
+
 def complete(
     model: GPT,
     prompt: str,
@@ -38,27 +317,18 @@ def complete(
     top_k: int = 40,
     seed: int = 0,
 ) -> str:
-    """The text the model appends to ``prompt`` (stops at end-of-text or the context end)."""
+    """The text the model appends to ``prompt`` (stops at end-of-text or the context end).
+
+    A long prompt keeps its last tokens, and the budget shrinks to what the context allows."""
     enc = get_tokenizer()
-    device = next(model.parameters()).device
     ids = enc.encode_ordinary(prompt)[-(model.config.block_size - 1) :] or [EOT_ID]
     budget = min(max_new_tokens, model.config.block_size - len(ids))
     was_training = model.training
-    model.eval()
     try:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache(model.config, batch_size=1, device=device)
-        logits, _ = model(torch.tensor([ids], device=device), kv_cache=cache)
-        out: list[int] = []
-        for _ in range(budget):
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, gen)
-            token = int(nxt.item())
-            if token == EOT_ID:
-                break
-            out.append(token)
-            if cache.pos >= cache.max_len:
-                break
-            logits, _ = model(nxt.view(1, 1), kv_cache=cache)
-        return enc.decode(out)
+        engine = Engine(model, max_batch_size=1)
+        params = SamplingParams(
+            max_new_tokens=budget, temperature=temperature, top_k=top_k, seed=seed
+        )
+        return engine.generate(ids, params)["text"]
     finally:
         model.train(was_training)

@@ -58,6 +58,19 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def row(self, r: int) -> KVCache:
+        """Row ``r`` as a one-sequence cache sharing this cache's memory: prefilling a new
+        request through it writes straight into its slot of a running batch."""
+        view = object.__new__(KVCache)
+        view.max_len, view.pos = self.max_len, 0
+        view.k, view.v = self.k[:, r : r + 1], self.v[:, r : r + 1]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` over row ``dst`` (keeps a batch's live rows contiguous)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -70,7 +83,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, start: int
+        self,
+        x: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -79,7 +95,18 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         mask = None
         is_causal = T > 1
-        if cache is not None:
+        if isinstance(start, torch.Tensor):
+            # Batched decode: one new token per row, each row at its own position (rows are
+            # the first B rows of the cache); a row attends to its own cached prefix only.
+            k_cache, v_cache = cache  # type: ignore[misc]
+            rows = torch.arange(B, device=x.device)
+            k_cache[rows, :, start] = k[:, :, 0]
+            v_cache[rows, :, start] = v[:, :, 0]
+            length = int(start.max()) + 1
+            k, v = k_cache[:B, :, :length], v_cache[:B, :, :length]
+            mask = (torch.arange(length, device=x.device) <= start[:, None])[:, None, None, :]
+            is_causal = False
+        elif cache is not None:
             k_cache, v_cache = cache
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
@@ -122,7 +149,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, start: int
+        self,
+        x: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, start)
         return x + self.mlp(self.ln_2(x))
@@ -180,6 +210,24 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos = start + T
         return self.transformer.ln_f(x)
+
+    def decode_step(
+        self, idx: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """Next-token logits (B, vocab) for one new token per sequence, where sequence b is
+        row b of ``kv_cache`` and its token sits at ``positions[b]`` — sequences of different
+        lengths decode together (continuous batching). ``kv_cache.pos`` is not used."""
+        if idx.dim() != 1 or positions.shape != idx.shape:
+            raise ValueError("decode_step takes idx and positions of shape (B,)")
+        if int(positions.max()) >= kv_cache.max_len:
+            raise ValueError(
+                f"position {int(positions.max())} exceeds the cache of {kv_cache.max_len}"
+            )
+        x = self.transformer.wte(idx[:, None]) + self.transformer.wpe(positions[:, None])
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, (kv_cache.k[i], kv_cache.v[i]), positions)
+        return self.lm_head(self.transformer.ln_f(x[:, 0]))
 
     def forward(
         self,
