@@ -142,6 +142,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._running: list[_Sequence] = []  # row i of the cache is self._running[i]
         self._ids: set[str] = set()
+        self.finished: dict[str, int] = {}  # finish reason -> count, for health and tests
 
     # -- called from any thread -------------------------------------------------------------
 
@@ -161,7 +162,9 @@ class Engine:
         with self._lock:
             if request_id in self._ids:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+            # max_queue counts requests that must wait for a batch row to free up.
+            free_rows = self.max_batch_size - len(self._running)
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + free_rows:
                 raise QueueFull(f"{len(self._waiting)} requests already waiting")
             self._ids.add(request_id)
             self._waiting.append(_Sequence(request_id, ids, params))
@@ -177,9 +180,13 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._running or self._cancelled)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"running": len(self._running), "waiting": len(self._waiting)}
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "finished": dict(self.finished),
+            }
 
     # -- the step loop (one thread at a time) -----------------------------------------------
 
@@ -243,8 +250,13 @@ class Engine:
         hold = self._held_back(seq)
         new = seq.text[seq.emitted : len(seq.text) - hold]
         seq.emitted += len(new)
-        return Event(seq.request_id, new, [token], prompt_tokens=len(seq.prompt),
-                     completion_tokens=len(seq.generated))  # fmt: skip
+        return Event(
+            seq.request_id,
+            new,
+            [token],
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.generated),
+        )
 
     @staticmethod
     def _find_stop(seq: _Sequence) -> int | None:
@@ -286,8 +298,10 @@ class Engine:
         seq.emitted = len(seq.text)
         with self._lock:
             self._ids.discard(seq.request_id)
-        return Event(seq.request_id, new, tokens or [], True, reason, len(seq.prompt),
-                     len(seq.generated))  # fmt: skip
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+        return Event(
+            seq.request_id, new, tokens or [], True, reason, len(seq.prompt), len(seq.generated)
+        )
 
     def generate(self, prompt: str | list[int], params: SamplingParams) -> dict[str, Any]:
         """Run one request to completion on this engine (no other requests must be using it
@@ -301,8 +315,12 @@ class Engine:
                     text.append(ev.text)
                     tokens.extend(ev.token_ids)
                     if ev.finished:
-                        return {"text": "".join(text), "token_ids": tokens,
-                                "finish_reason": ev.finish_reason, "prompt_tokens": n_prompt}  # fmt: skip
+                        return {
+                            "text": "".join(text),
+                            "token_ids": tokens,
+                            "finish_reason": ev.finish_reason,
+                            "prompt_tokens": n_prompt,
+                        }
 
 
 class QueueFull(RuntimeError):

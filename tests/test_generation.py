@@ -166,13 +166,15 @@ def test_cancel_a_running_and_a_waiting_request(model) -> None:
     ev = _drain(engine)
     assert ev["run"][-1].finish_reason == "cancelled"
     assert ev["wait"][-1].finish_reason == "cancelled"
-    assert not engine.has_work and engine.stats() == {"running": 0, "waiting": 0}
+    stats = engine.stats()
+    assert not engine.has_work and (stats["running"], stats["waiting"]) == (0, 0)
+    assert stats["finished"] == {"cancelled": 2}
     # The rows are free again and the ids reusable.
     assert engine.generate("Asthma", SamplingParams(max_new_tokens=3, temperature=0))["text"]
 
 
 def test_limits_and_bad_parameters(model) -> None:
-    engine = Engine(model, max_batch_size=1, max_queue=1)
+    engine = Engine(model, max_batch_size=1, max_queue=0)
     with pytest.raises(ValueError, match="exceeds the model's context of 96"):
         engine.submit("long", "word " * 90, SamplingParams(max_new_tokens=10))
     engine.submit("a", "x", SamplingParams(max_new_tokens=2))

@@ -1,0 +1,332 @@
+"""The Serve application on the session's real Ray cluster, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from medgpt.checkpoint import load_model, save_checkpoint
+from medgpt.config import ModelConfig
+from medgpt.generation import Engine, SamplingParams
+from medgpt.model import GPT
+from tests.conftest import wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    # Context 1024 so a long generation takes a while (cancellation is observable).
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=1024))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(6)
+    path = tmp_path_factory.mktemp("serve") / "step-000007"
+    return save_checkpoint(path, model, {"step": 7, "val_loss": 3.25, "mlflow_run_id": "abc"})
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, checkpoint, tmp_path_factory) -> dict:
+    import ray
+    from ray import serve
+
+    from medgpt.serving import MedgptServer, app_builder
+
+    ray.init(address=ray_cluster["address"], ignore_reinit_error=True)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    storage = tmp_path_factory.mktemp("serve-store")
+    args = {"checkpoint": str(checkpoint), "storage_path": str(storage), "max_tokens_cap": 600,
+            "max_batch_size": 8, "threads": 1}  # fmt: skip
+    serve.run(app_builder(args), name="medgpt", route_prefix="/", blocking=False)
+    # A second, tiny-capacity app for backpressure: one running request, nobody waiting.
+    busy = {**args, "max_batch_size": 1, "max_queue": 0, "storage_path": str(storage)}
+    serve.run(
+        MedgptServer.options(name="Busy", ray_actor_options={"num_cpus": 0.25}).bind(busy),
+        name="busy",
+        route_prefix="/busy",
+        blocking=False,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return all(
+                requests.get(f"{url}{p}/healthz", timeout=2).status_code == 200
+                for p in ("", "/busy")
+            )
+        except requests.RequestException:
+            return False
+
+    wait_for(ready, 180, "Serve apps to answer /healthz", interval=0.5)
+    yield {"url": url, "checkpoint": checkpoint}
+    serve.delete("busy")
+    serve.delete("medgpt")
+    serve.shutdown()
+
+
+def _solo(checkpoint: Path, prompt: str, params: SamplingParams) -> str:
+    return Engine(load_model(checkpoint), 1).generate(prompt, params)["text"]
+
+
+def _sse(resp: requests.Response) -> list:
+    out = []
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_health_and_model_card(server) -> None:
+    health = requests.get(f"{server['url']}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["model"] == "step-000007"
+    card = requests.get(f"{server['url']}/v1/models", timeout=10).json()["data"][0]
+    assert card["id"] == "step-000007" and card["training_run_id"] == "abc"
+    assert card["val_loss"] == 3.25 and card["step"] == 7 and card["context_length"] == 1024
+
+
+def test_completion_matches_the_engine_and_is_seeded(server) -> None:
+    body = {"prompt": "Asthma is", "max_tokens": 20, "temperature": 0.9, "seed": 5}
+    a = requests.post(f"{server['url']}/v1/completions", json=body, timeout=60).json()
+    assert "choices" in a, a
+    b = requests.post(f"{server['url']}/v1/completions", json=body, timeout=60).json()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    expected = _solo(server["checkpoint"], "Asthma is", SamplingParams(20, 0.9, 0, 1.0, 5))
+    assert a["choices"][0]["text"] == expected
+    assert a["object"] == "text_completion" and a["model"] == "step-000007"
+    assert a["usage"]["prompt_tokens"] == 3
+    assert a["usage"]["total_tokens"] == 3 + a["usage"]["completion_tokens"]
+    assert a["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_streaming_equals_non_streaming(server) -> None:
+    body = {"prompt": "Fever and", "max_tokens": 30, "temperature": 1.0, "seed": 9, "n": 2}
+    whole = requests.post(f"{server['url']}/v1/completions", json=body, timeout=60).json()
+    with requests.post(
+        f"{server['url']}/v1/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        stream=True,
+        timeout=60,
+    ) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        chunks = _sse(resp)
+    assert chunks[-1] == "[DONE]"
+    usage = chunks[-2]["usage"]
+    assert usage == whole["usage"]
+    for i in range(2):
+        parts = [c["choices"][0] for c in chunks[:-2] if c["choices"][0]["index"] == i]
+        assert "".join(p["text"] for p in parts) == whole["choices"][i]["text"]
+        assert parts[-1]["finish_reason"] == whole["choices"][i]["finish_reason"]
+        assert all(p["finish_reason"] is None for p in parts[:-1])
+    assert whole["choices"][0]["text"] != whole["choices"][1]["text"]  # seeds 9 and 10
+
+
+def test_openai_client(server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="unused", max_retries=0)
+    out = client.completions.create(model="step-000007", prompt="Diabetes", max_tokens=12, seed=3)
+    assert out.choices[0].text and out.usage.completion_tokens >= 1
+    stream = client.completions.create(
+        model="step-000007", prompt="Diabetes", max_tokens=12, seed=3, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == out.choices[0].text
+    assert [m.id for m in client.models.list()] == ["step-000007"]
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="step-000007", prompt="x", temperature=5)
+
+
+def test_generate_and_generate_stream(server) -> None:
+    body = {"prompt": "Hypertension", "max_new_tokens": 25, "temperature": 0, "top_k": 0}
+    out = requests.post(f"{server['url']}/generate", json=body, timeout=60).json()
+    assert out["text"] == _solo(server["checkpoint"], "Hypertension", SamplingParams(25, 0))
+    assert out["model"]["id"] == "step-000007" and out["model"]["val_loss"] == 3.25
+    assert out["completion_tokens"] >= 1 and out["seconds"] > 0 and out["ttft_s"] is not None
+    with requests.post(f"{server['url']}/generate/stream", json=body, stream=True, timeout=60) as r:
+        events = _sse(r)
+    assert "".join(e.get("text", "") for e in events) == out["text"]
+    assert events[-1]["done"] and events[-1]["completion_tokens"] == out["completion_tokens"]
+
+
+def test_many_concurrent_streams_each_equal_their_solo_output(server) -> None:
+    prompts = [f"Patient {i} presents with" for i in range(12)]
+
+    def stream(i: int) -> str:
+        body = {"prompt": prompts[i], "max_new_tokens": 40, "temperature": 1.0, "top_k": 50,
+                "seed": 100 + i}  # fmt: skip
+        with requests.post(
+            f"{server['url']}/generate/stream", json=body, stream=True, timeout=120
+        ) as r:
+            assert r.status_code == 200
+            return "".join(e.get("text", "") for e in _sse(r))
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(stream, range(12)))
+    for i, text in enumerate(got):
+        solo = _solo(server["checkpoint"], prompts[i], SamplingParams(40, 1.0, 50, 1.0, 100 + i))
+        assert text == solo, i
+
+
+BAD_BODIES = [
+    ({"prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_k": -1}, "top_k"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10_000}, "max_tokens"),
+    ({"prompt": "word " * 1000, "max_tokens": 100}, "max_tokens"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": 42}, "prompt"),
+    ({"max_tokens": 5}, "prompt"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "best_of": 2}, "best_of"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_BODIES)
+def test_invalid_completion_bodies_are_400_naming_the_field(server, body, param) -> None:
+    r = requests.post(f"{server['url']}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+    assert param in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "status", "message"),
+    [
+        ("{not json", {"content-type": "application/json"}, 400, "not valid JSON"),
+        ("[1, 2]", {"content-type": "application/json"}, 400, "JSON object"),
+        ("x" * 70_000, {"content-type": "application/json"}, 413, "over 65536 bytes"),
+    ],
+)
+def test_malformed_bodies(server, data, headers, status, message) -> None:
+    for route in ("/v1/completions", "/generate"):
+        r = requests.post(f"{server['url']}{route}", data=data, headers=headers, timeout=30)
+        assert r.status_code == status and message in r.json()["error"]["message"], r.text
+
+
+def test_generate_validation_names_the_field(server) -> None:
+    r = requests.post(f"{server['url']}/generate", json={"prompt": "x", "max_new_tokens": 601})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_new_tokens"
+    r = requests.post(f"{server['url']}/generate/stream", json={"prompt": "x", "oops": 1})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "unknown field 'oops'"
+
+
+def _finished(url: str) -> dict:
+    return requests.get(f"{url}/healthz", timeout=10).json()["finished"]
+
+
+def test_disconnect_cancels_the_generation(server) -> None:
+    url = server["url"]
+    before = _finished(url).get("cancelled", 0)
+    body = {"prompt": "Once", "max_new_tokens": 600, "temperature": 1.0, "seed": 1}
+    r = requests.post(f"{url}/generate/stream", json=body, stream=True, timeout=60)
+    lines = r.iter_lines()
+    assert next(line for line in lines if line)  # the first token arrived
+    r.close()
+    wait_for(lambda: _finished(url).get("cancelled", 0) > before, 30, "the cancellation")
+    health = requests.get(f"{url}/healthz", timeout=10).json()
+    assert health["running"] == 0
+
+
+def test_backpressure_is_503_with_retry_after(server) -> None:
+    url = f"{server['url']}/busy"
+    body = {"prompt": "Once", "max_new_tokens": 600, "temperature": 1.0, "seed": 2}
+    with requests.post(f"{url}/generate/stream", json=body, stream=True, timeout=60) as first:
+        lines = first.iter_lines()  # keep a reference: a collected iterator closes the stream
+        assert next(line for line in lines if line)  # it holds the only batch row
+        second = requests.post(
+            f"{url}/generate", json={"prompt": "x", "max_new_tokens": 2}, timeout=30
+        )
+        assert second.status_code == 503, second.text
+        assert second.headers["Retry-After"] == "2"
+        assert second.json()["error"]["type"] == "server_overloaded"
+    wait_for(lambda: requests.get(f"{url}/healthz", timeout=5).json()["running"] == 0, 30, "idle")
+    ok = requests.post(f"{url}/generate", json={"prompt": "x", "max_new_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+@pytest.mark.slow
+def test_replica_killed_under_load_recovers(server, checkpoint, tmp_path) -> None:
+    import os
+    import signal
+
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from medgpt.serving import MedgptServer
+
+    cfg = {"checkpoint": str(checkpoint), "storage_path": str(tmp_path), "threads": 1}
+    serve.run(
+        MedgptServer.options(
+            name="Pair", num_replicas=2, health_check_period_s=1,
+            ray_actor_options={"num_cpus": 0.25},
+        ).bind(cfg),
+        name="pair", route_prefix="/pair", blocking=False,
+    )  # fmt: skip
+    url = f"{server['url']}/pair"
+    wait_for(lambda: _ok(f"{url}/healthz"), 120, "the pair app")
+    results: list[int | str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                r = requests.post(f"{url}/generate", json={"prompt": "Asthma", "max_new_tokens": 30},
+                                  timeout=30)  # fmt: skip
+                results.append(r.status_code)
+            except requests.RequestException as e:
+                results.append(type(e).__name__)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    victims = [a for a in actors if "Pair" in (a.class_name or "")]
+    assert len(victims) == 2, [a.class_name for a in actors]
+    os.kill(victims[0].pid, signal.SIGKILL)
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a request hung"
+    assert results.count(200) > 10
+    # Requests on the killed replica fail fast; none hangs, and service comes back.
+    wait_for(lambda: _ok(f"{url}/healthz"), 60, "recovery")
+    assert (
+        requests.post(f"{url}/generate", json={"prompt": "x", "max_new_tokens": 3}).status_code
+        == 200
+    )
+    wait_for(
+        lambda: serve.status().applications["pair"].status == "RUNNING", 60, "2 healthy replicas"
+    )
+    serve.delete("pair")
+    del ray
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
