@@ -298,6 +298,54 @@ def print_gate(report: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Deploy serve/config.yaml's application on Ray Serve (flags override its args) and keep
+    serving until interrupted; like ``serve run serve/config.yaml``."""
+    import ray
+    from pydantic import ValidationError
+    from ray import serve
+
+    from medgpt.config import ConfigError, load_yaml
+    from medgpt.serving import ServeConfig, app_builder
+
+    cfg = load_yaml(args.config)
+    try:
+        app_cfg = cfg["applications"][0]
+    except (KeyError, IndexError, TypeError):
+        raise ConfigError(f"{args.config}: no applications[0] (a Serve config file)") from None
+    app_args = dict(app_cfg.get("args") or {})
+    for key in ("checkpoint", "storage_path", "int8"):
+        if getattr(args, key) is not None:
+            app_args[key] = getattr(args, key)
+    deployment = dict((app_cfg.get("deployments") or [{}])[0])
+    deployment.pop("name", None)
+    try:
+        app = app_builder(app_args, deployment)
+    except ValidationError as e:  # a bad key or value in args
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(ServeConfig.model_fields)
+            raise ConfigError(
+                f"{args.config}: unknown key args.{key} (allowed: {allowed})"
+            ) from None
+        raise ConfigError(f"{args.config}: args.{key}: {err['msg']}") from None
+    http = {**(cfg.get("http_options") or {})}
+    http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    serve.start(http_options=http)
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    print(f"serving {app_args.get('checkpoint')} at {url} (Ctrl-C stops)", flush=True)
+    serve.run(
+        app, name=app_cfg.get("name", "medgpt"), route_prefix=app_cfg.get("route_prefix", "/")
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", help="YAML recipe (sections model/train/job), e.g. configs/tiny-cpu.yaml"
@@ -352,6 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_evaluate_arguments(e)
     e.set_defaults(func=cmd_evaluate)
+    s = sub.add_parser(
+        "serve",
+        help="serve a checkpoint or models:/medgpt@champion on Ray Serve (OpenAI-compatible)",
+        description="Deploy the Serve application of serve/config.yaml (continuous batching, "
+        "streaming, /v1/completions, /generate) on RAY_ADDRESS or a local Ray, and keep "
+        "serving until Ctrl-C. Same as `serve run serve/config.yaml`, with overrides.",
+    )
+    s.add_argument(
+        "--config",
+        default=str(Path(__file__).resolve().parents[1] / "serve" / "config.yaml"),
+        help="Serve config file (%(default)s)",
+    )
+    s.add_argument("--checkpoint", help="a checkpoint folder, run folder or models:/ URI")
+    s.add_argument("--storage-path", dest="storage_path", help="MLflow store / downloads (runs)")
+    s.add_argument("--int8", action="store_true", default=None, help="int8 linears (CPU)")
+    s.add_argument("--host", help="HTTP host (127.0.0.1)")
+    s.add_argument("--port", type=int, help="HTTP port (8000)")
+    s.set_defaults(func=cmd_serve)
     q = sub.add_parser(
         "quickstart",
         help="run the main job on the embedded defaults (offline ICD-10-CM corpus)",

@@ -509,17 +509,27 @@ def _actor_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def app_builder(args: dict[str, Any]) -> serve.Application:
+def app_builder(
+    args: dict[str, Any], deployment: dict[str, Any] | None = None
+) -> serve.Application:
     """``serve run serve/config.yaml`` / ``medgpt serve``: the config's ``args`` → the app.
 
-    Relative paths are resolved here, on the driver, because replicas run in another cwd."""
+    Runs on the driver: relative paths become absolute (replicas run in another cwd), and the
+    checkpoint is resolved here first, so a wrong path or registry name fails at once with
+    one line instead of as a replica that keeps crashing."""
+    from medgpt.checkpoint import read_config
+    from medgpt.evaluation import resolve_checkpoint
+    from medgpt.tracking import tracking_uri_for
+
     cfg = ServeConfig(**(args or {}))
     data = cfg.model_dump()
     data["storage_path"] = str(Path(cfg.storage_path).resolve())
     if not cfg.checkpoint.startswith(("models:/", "runs:/")) and Path(cfg.checkpoint).exists():
         data["checkpoint"] = str(Path(cfg.checkpoint).resolve())
-    if cfg.tracking_uri is None:
-        from medgpt.tracking import tracking_uri_for
-
-        data["tracking_uri"] = tracking_uri_for(data["storage_path"])
-    return MedgptServer.bind(data)
+    data["tracking_uri"] = tracking_uri_for(data["storage_path"], cfg.tracking_uri)
+    path, _ = resolve_checkpoint(
+        data["checkpoint"], data["tracking_uri"], Path(data["storage_path"]) / "downloads"
+    )
+    read_config(path)  # a medgpt checkpoint, readable
+    server = MedgptServer.options(**deployment) if deployment else MedgptServer
+    return server.bind(data)

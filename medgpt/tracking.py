@@ -189,6 +189,16 @@ def _mlflow_message(e: BaseException) -> str:
     return msg.splitlines()[0] if msg else type(e).__name__
 
 
+def _require_store(uri: str) -> None:
+    """Looking something up in a sqlite store that does not exist would create an empty one:
+    say what is missing instead."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise CheckpointError(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')} (nothing trained or registered "
+            "there yet; check --storage / MLFLOW_TRACKING_URI)"
+        )
+
+
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
     m = _MODEL_URI.match(uri)
@@ -209,6 +219,7 @@ def model_version(uri: str, model_uri: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     name, alias, version = parse_model_uri(model_uri)
+    _require_store(uri)
     client = _client(uri)
     try:
         registered = client.get_registered_model(name)
@@ -310,6 +321,7 @@ def fetch_run_checkpoint(uri: str, spec: str, cache_dir: Path) -> tuple[Path, st
     else:
         run_id, path = spec, ""
     path = path.strip("/") or "model/checkpoint"
+    _require_store(uri)
     try:
         _client(uri).get_run(run_id)
     except MlflowException:
