@@ -166,6 +166,17 @@ def _sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+# Defined before the deployment class: serve.ingress captures the globals its methods use
+# when the class is decorated, so helpers defined below it would be missing in the replica.
+def _actor_cpus() -> int:
+    try:
+        import ray
+
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # outside Ray (unit use): one thread per core
+        return os.cpu_count() or 1
+
+
 @serve.deployment(
     max_ongoing_requests=32,
     health_check_period_s=2,
@@ -498,15 +509,6 @@ class MedgptServer:
                     )
 
         return StreamingResponse(sse(), media_type="text/event-stream")
-
-
-def _actor_cpus() -> int:
-    try:
-        import ray
-
-        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    except Exception:  # outside Ray (unit use): one thread per core
-        return os.cpu_count() or 1
 
 
 def app_builder(
