@@ -330,3 +330,24 @@ def _ok(url: str) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_metrics_are_exported_through_ray(server) -> None:
+    import ray
+
+    requests.post(f"{server['url']}/generate", json={"prompt": "Asthma", "max_new_tokens": 8})
+    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+
+    def exported() -> str | None:
+        for port in ports:
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except requests.RequestException:
+                continue
+            if "medgpt_generated_tokens" in text and "medgpt_time_to_first_token_s" in text:
+                return text
+        return None
+
+    text = wait_for(exported, 60, "medgpt metrics on Ray's Prometheus endpoint", interval=2)
+    for name in ("medgpt_inter_token_latency_s", "medgpt_request_latency_s", "medgpt_batch_size"):
+        assert name in text, name
