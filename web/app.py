@@ -1,0 +1,536 @@
+"""The prompt page: a thin Flask front over the Ray Serve HTTP API.
+
+``GET /`` is the page (Jinja template + static JS/CSS, no build step). ``POST /api/generate``
+and ``POST /api/generate/stream`` (SSE) are validated here and forwarded to Serve's
+``/generate`` and ``/generate/stream``; ``GET /api/model`` is the served model's identity
+(from Serve's ``/v1/models``); ``GET /healthz`` reports this front and the model server.
+
+This module never imports torch or the model: it only speaks HTTP to Serve, so it starts in
+a fraction of a second and runs anywhere (``python web/app.py``, ``medgpt web``, or
+``gunicorn 'web.app:create_app()'`` in production).
+
+Security: the page renders model output as text only (``textContent``), every response
+carries a Content-Security-Policy without inline scripts or styles, bodies are capped
+(``MAX_CONTENT_LENGTH``), debug is off, errors are one-line JSON (never a stack trace), and
+``MEDGPT_WEB_API_KEY`` guards the /api routes when the page is exposed beyond localhost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import requests
+import urllib3
+from flask import Flask, Response, current_app, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from medgpt.errors import ConfigError
+
+log = logging.getLogger("medgpt.web")
+
+DEFAULT_SERVE_URL = "http://127.0.0.1:8000"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+
+# The same ranges Serve enforces (medgpt/serving.py GenerateRequest); checked here too so a
+# bad request is answered without a round trip and with the same error shape. The prompt cap
+# is tighter than Serve's: it keeps every valid body under the 16 KiB limit below.
+PROMPT_MAX_CHARS = 4000
+MAX_NEW_TOKENS = 512
+MAX_STOP_STRINGS = 4
+SEED_LIMIT = 2**63
+LIMITS: dict[str, Any] = {
+    "prompt_max_chars": PROMPT_MAX_CHARS,
+    "temperature": [0.0, 2.0],
+    "top_k_min": 0,
+    "top_p": [0.0, 1.0],  # (0, 1]
+    "max_new_tokens": [1, MAX_NEW_TOKENS],
+}
+# What the page starts with (Serve's own defaults differ slightly: top_p 1.0).
+DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 64}
+EXAMPLES = [
+    "ICD-10-CM Chapter 9: Diseases of the circulatory system (I00-I99)\n",
+    "J45 Asthma\n",
+    "E11 Type 2 diabetes mellitus\n",
+    "Question: What are the symptoms of iron deficiency anemia?\nAnswer:",
+]
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; "
+    "object-src 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param"}}`` (Serve's shape)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = dict(headers or {})
+
+    def response(self) -> Response:
+        resp = jsonify({"error": {"message": self.message, "type": self.kind, "param": self.param}})
+        resp.status_code = self.status
+        resp.headers.update(self.headers)
+        return resp
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def _env_number(name: str, default: float, kind: type = float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a {kind.__name__}") from None
+    if not value > 0:
+        raise ConfigError(f"{name}={raw!r}: must be positive")
+    return value
+
+
+def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The app's settings: explicit ``overrides`` win over environment variables, which win
+    over the defaults."""
+    cfg: dict[str, Any] = {
+        "SERVE_URL": os.environ.get("MEDGPT_SERVE_URL") or DEFAULT_SERVE_URL,
+        "API_KEY": os.environ.get("MEDGPT_WEB_API_KEY") or None,
+        "CONNECT_TIMEOUT": _env_number("MEDGPT_WEB_CONNECT_TIMEOUT", 3.0),
+        # Between two reads from Serve (a whole answer for /api/generate, one token for the
+        # stream): generous, since a busy server queues requests before the first token.
+        "READ_TIMEOUT": _env_number("MEDGPT_WEB_READ_TIMEOUT", 60.0),
+        "MAX_CONTENT_LENGTH": int(_env_number("MEDGPT_WEB_MAX_BODY", 16 * 1024, int)),
+    }
+    cfg.update(overrides or {})
+    url = str(cfg["SERVE_URL"]).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"serve URL {url!r}: expected http://HOST:PORT")
+    cfg["SERVE_URL"] = url
+    return cfg
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def validate(body: Any) -> dict[str, Any]:
+    """A /api/generate body → the body for Serve, or :class:`ApiError` (400) naming the field.
+    Only fields given are forwarded; Serve fills in its defaults."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    allowed = ("prompt", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop")
+    for key in body:
+        if key not in allowed:
+            raise ApiError(400, f"unknown field {key!r} (allowed: {', '.join(allowed)})", key)
+    if "prompt" not in body:
+        raise ApiError(400, "missing field 'prompt'", "prompt")
+    prompt = body["prompt"]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt: must be a string", "prompt")
+    if not prompt.strip():
+        raise ApiError(400, "prompt: must not be empty", "prompt")
+    if len(prompt) > PROMPT_MAX_CHARS:
+        raise ApiError(
+            400,
+            f"prompt: at most {PROMPT_MAX_CHARS} characters (this one has {len(prompt)})",
+            "prompt",
+        )
+    out: dict[str, Any] = {"prompt": prompt}
+    checks = {
+        "temperature": (_is_number, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
+        "top_k": (_is_int, lambda v: v >= 0, "a whole number >= 0 (0 = off)"),
+        "top_p": (_is_number, lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
+        "max_new_tokens": (
+            _is_int,
+            lambda v: 1 <= v <= MAX_NEW_TOKENS,
+            f"a whole number from 1 to {MAX_NEW_TOKENS}",
+        ),
+        "seed": (_is_int, lambda v: 0 <= v < SEED_LIMIT, "a whole number >= 0, or null"),
+    }
+    for key, (type_ok, range_ok, what) in checks.items():
+        if key not in body or (key == "seed" and body[key] is None):
+            continue
+        value = body[key]
+        if not (type_ok(value) and range_ok(value)):
+            raise ApiError(400, f"{key}: must be {what} (got {json.dumps(value)[:40]})", key)
+        out[key] = value
+    if "stop" in body:
+        stop = body["stop"]
+        if not (
+            isinstance(stop, list)
+            and len(stop) <= MAX_STOP_STRINGS
+            and all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop)
+        ):
+            raise ApiError(
+                400,
+                f"stop: a list of at most {MAX_STOP_STRINGS} non-empty strings of up to 64 "
+                "characters",
+                "stop",
+            )
+        out["stop"] = stop
+    return out
+
+
+def _json_body() -> Any:
+    if request.mimetype != "application/json":
+        raise ApiError(415, "send the body as JSON with Content-Type: application/json")
+    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 from werkzeug
+    if not raw.strip():
+        raise ApiError(400, "the body is empty; send a JSON object")
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "the body is not valid JSON") from None
+
+
+# --- the proxy -----------------------------------------------------------------------------------
+
+
+def _upstream(method: str, path: str, body: Any = None, stream: bool = False) -> requests.Response:
+    cfg = current_app.config
+    url = f"{cfg['SERVE_URL']}{path}"
+    connect, read = cfg["CONNECT_TIMEOUT"], cfg["READ_TIMEOUT"]
+    try:
+        return requests.request(method, url, json=body, stream=stream, timeout=(connect, read))
+    except requests.ConnectTimeout:
+        raise ApiError(
+            503,
+            f"The model server did not accept a connection within {connect:g} s. "
+            "Is it running (medgpt serve)?",
+            kind="backend_unavailable",
+        ) from None
+    except requests.ReadTimeout:
+        raise ApiError(
+            504,
+            f"The model server did not answer within {read:g} s; try again, or ask for "
+            "fewer tokens.",
+            kind="backend_timeout",
+        ) from None
+    except requests.ConnectionError:
+        raise ApiError(
+            503,
+            "The model server is not reachable. Start it (medgpt serve) and try again.",
+            kind="backend_unavailable",
+        ) from None
+    except requests.RequestException as e:
+        log.warning("request to %s failed: %r", url, e)
+        raise ApiError(502, "The model server could not be asked.", kind="bad_gateway") from None
+
+
+def _relay_error(resp: requests.Response) -> ApiError:
+    """Serve's answer when it is not a 200: its own message where it has one (validation
+    errors name the field), never its body verbatim otherwise."""
+    try:
+        err = resp.json()["error"]
+        message, param, kind = str(err["message"]), err.get("param"), str(err.get("type"))
+    except (ValueError, KeyError, TypeError):
+        err = None
+    finally:
+        resp.close()
+    status = resp.status_code
+    if err is not None and status in (400, 404, 413, 422):
+        return ApiError(status if status != 422 else 400, message, param, kind)
+    if status in (429, 503):
+        retry = resp.headers.get("Retry-After", "2")
+        return ApiError(
+            503,
+            "The model server is busy; try again in a few seconds."
+            if err is None
+            else f"{message} (the model server is busy)",
+            kind="server_overloaded",
+            headers={"Retry-After": retry if retry.isdigit() else "2"},
+        )
+    if status == 404:
+        return ApiError(
+            502,
+            f"The model server at {current_app.config['SERVE_URL']} has no medgpt application "
+            "(HTTP 404). Is MEDGPT_SERVE_URL right?",
+            kind="bad_gateway",
+        )
+    detail = f": {message}" if err is not None else ""
+    return ApiError(502, f"The model server failed (HTTP {status}){detail}", kind="bad_gateway")
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+def _relay_stream(resp: requests.Response, read_timeout: float) -> Iterator[bytes]:
+    """Serve's SSE bytes, forwarded as they arrive (one read per chunk: no buffering). When
+    the browser goes away the server closes this generator, which closes the connection to
+    Serve, which cancels the generation there."""
+    try:
+        for chunk in resp.iter_content(chunk_size=None):
+            if chunk:
+                yield chunk
+    except requests.RequestException as e:
+        timed_out = e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError)
+        message = (
+            f"The model server sent nothing for {read_timeout:g} s; the generation was abandoned."
+            if timed_out
+            else "The connection to the model server was lost during the generation."
+        )
+        kind = "backend_timeout" if timed_out else "backend_unavailable"
+        yield b"\n\n" + _sse({"error": {"message": message, "type": kind, "param": None}})
+    finally:
+        resp.close()
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """The Flask app. ``config`` keys (environment fallbacks): ``SERVE_URL``
+    (``MEDGPT_SERVE_URL``, default http://127.0.0.1:8000), ``API_KEY``
+    (``MEDGPT_WEB_API_KEY``: when set, /api routes need it in ``X-API-Key`` or
+    ``Authorization: Bearer``), ``CONNECT_TIMEOUT`` / ``READ_TIMEOUT`` in seconds
+    (``MEDGPT_WEB_CONNECT_TIMEOUT`` 3, ``MEDGPT_WEB_READ_TIMEOUT`` 60), ``MAX_CONTENT_LENGTH``
+    in bytes (``MEDGPT_WEB_MAX_BODY``, 16 KiB)."""
+    app = Flask(__name__, template_folder="templates", static_folder="static")
+    app.config.update(load_config(config))
+    app.config.update(DEBUG=False, PROPAGATE_EXCEPTIONS=False)
+    app.json.sort_keys = False
+
+    @app.before_request
+    def _check_key() -> Response | None:
+        key = app.config["API_KEY"]
+        if not key or not request.path.startswith("/api/"):
+            return None
+        given = request.headers.get("X-API-Key", "")
+        auth = request.headers.get("Authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given and hmac.compare_digest(given.encode(), str(key).encode()):
+            return None
+        return ApiError(
+            401,
+            "This page needs an API key: enter it above (sent as the X-API-Key header).",
+            kind="authentication_error",
+        ).response()
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            resp.headers.setdefault(name, value)
+        if request.path.startswith("/api/") or request.path == "/healthz":
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    @app.errorhandler(ApiError)
+    def _api_error(e: ApiError) -> Response:
+        return e.response()
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException) -> Response:
+        status = e.code or 500
+        if status == 413:
+            message = f"The request is too large (limit {app.config['MAX_CONTENT_LENGTH']} bytes)."
+        elif status == 405:
+            allowed = ", ".join(m for m in e.valid_methods or [] if m not in ("HEAD", "OPTIONS"))
+            message = f"{request.method} is not allowed on {request.path} (use {allowed})"
+        elif status == 404:
+            message = f"no such page: {request.path}"
+        else:
+            message = f"{e.name}"
+        err = ApiError(status, message, kind="invalid_request_error")
+        resp = err.response()
+        if status == 405 and e.valid_methods:
+            resp.headers["Allow"] = ", ".join(e.valid_methods)
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception) -> Response:
+        # Logged with its traceback for the operator; the user gets one line.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return ApiError(
+            500, f"Internal error in the web front ({type(e).__name__}).", kind="server_error"
+        ).response()
+
+    @app.get("/")
+    def index() -> str:
+        return render_template(
+            "index.html",
+            limits=LIMITS,
+            defaults=DEFAULTS,
+            examples=EXAMPLES,
+            api_key_required=bool(app.config["API_KEY"]),
+        )
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        """200 whenever this front answers; ``backend`` says whether Serve does."""
+        backend: dict[str, Any]
+        try:
+            resp = requests.get(
+                f"{app.config['SERVE_URL']}/healthz",
+                timeout=(app.config["CONNECT_TIMEOUT"], min(app.config["READ_TIMEOUT"], 5.0)),
+            )
+            if resp.status_code == 200:
+                data = resp.json()
+                backend = {"status": "ok", "model": data.get("model")}
+                for key in ("running", "waiting"):
+                    if key in data:
+                        backend[key] = data[key]
+            else:
+                backend = {"status": "error", "message": f"HTTP {resp.status_code}"}
+        except requests.Timeout:
+            backend = {"status": "down", "message": "no answer within the timeout"}
+        except (requests.RequestException, ValueError):
+            backend = {"status": "down", "message": "not reachable"}
+        status = "ok" if backend["status"] == "ok" else "degraded"
+        return jsonify({"status": status, "frontend": "ok", "backend": backend})
+
+    @app.get("/api/model")
+    def model() -> Response:
+        resp = _upstream("GET", "/v1/models")
+        if resp.status_code != 200:
+            raise _relay_error(resp)
+        try:
+            card = resp.json()["data"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ApiError(
+                502, "The model server sent no model card.", kind="bad_gateway"
+            ) from None
+        keys = ("id", "registry_version", "registry_aliases", "val_loss", "eval_loss", "step",
+                "context_length", "training_run_id", "int8")  # fmt: skip
+        return jsonify({k: card.get(k) for k in keys})
+
+    @app.post("/api/generate")
+    def generate() -> Response:
+        body = validate(_json_body())
+        resp = _upstream("POST", "/generate", body)
+        if resp.status_code != 200:
+            raise _relay_error(resp)
+        try:
+            return jsonify(resp.json())
+        except ValueError:
+            raise ApiError(502, "The model server sent no JSON.", kind="bad_gateway") from None
+
+    @app.post("/api/generate/stream")
+    def generate_stream() -> Response:
+        body = validate(_json_body())
+        resp = _upstream("POST", "/generate/stream", body, stream=True)
+        if resp.status_code != 200:
+            resp.content  # noqa: B018 - read the (small) error body before closing
+            raise _relay_error(resp)
+        return Response(
+            _relay_stream(resp, app.config["READ_TIMEOUT"]),
+            mimetype="text/event-stream",
+            headers=STREAM_HEADERS,
+        )
+
+    return app
+
+
+# --- running it ----------------------------------------------------------------------------------
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to expose the page beyond this machine without an API key."""
+    if not _is_loopback(host) and not api_key:
+        raise ConfigError(
+            f"refusing to listen on {host} without an API key: set MEDGPT_WEB_API_KEY (the "
+            "/api routes then require it), or listen on 127.0.0.1"
+        )
+
+
+def run(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, serve_url: str | None = None) -> int:
+    """Serve the page with werkzeug's threaded server until interrupted (the single-machine
+    default; production uses gunicorn, see the README)."""
+    from werkzeug.serving import run_simple
+
+    overrides = {"SERVE_URL": serve_url} if serve_url else {}
+    app = create_app(overrides)
+    check_bind(host, app.config["API_KEY"])
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"medgpt web: http://{shown}:{port} -> model server {app.config['SERVE_URL']} "
+        "(Ctrl-C stops)",
+        flush=True,
+    )
+    try:
+        run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return 0
+
+
+def build_parser(prog: str = "web/app.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="The medgpt prompt page (Flask).")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to listen on (%(default)s); any other needs MEDGPT_WEB_API_KEY",
+    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (%(default)s)")
+    p.add_argument(
+        "--serve-url",
+        help=f"the Ray Serve HTTP endpoint (MEDGPT_SERVE_URL, else {DEFAULT_SERVE_URL})",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args.host, args.port, args.serve_url)
+    except ConfigError as e:
+        print(f"web: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
