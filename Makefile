@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (each creates .venv and installs on first use):
 #   make quickstart   the main job on the embedded defaults
 #   make test         ruff + the whole test suite, slow end-to-end cases included (what CI runs)
+# and after the quickstart, `make demo`: the champion on Ray Serve + the prompt page.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.medgpt-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test test-fast lint bench clean
+.PHONY: setup quickstart demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +24,19 @@ $(STAMP): pyproject.toml
 
 quickstart: $(STAMP)
 	$(BIN)/medgpt quickstart
+
+# The champion (models:/medgpt@champion) on Ray Serve at :8000 in the background, then the
+# prompt page at http://127.0.0.1:5000 once Serve answers; Ctrl-C stops both.
+DEMO_SERVE_URL := http://127.0.0.1:8000
+demo: $(STAMP)
+	@$(BIN)/medgpt serve & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT INT TERM; \
+	echo "waiting for the model server at $(DEMO_SERVE_URL) ..."; \
+	until $(BIN)/python -c "import urllib.request as u; u.urlopen('$(DEMO_SERVE_URL)/healthz', timeout=2)" 2>/dev/null; do \
+		kill -0 $$pid 2>/dev/null || { echo "medgpt serve stopped (see above)" >&2; exit 1; }; sleep 1; \
+	done; \
+	echo "open http://127.0.0.1:5000 (Ctrl-C stops the page and the model server)"; \
+	$(BIN)/medgpt web --serve-url $(DEMO_SERVE_URL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

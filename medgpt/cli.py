@@ -155,6 +155,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     status = print_gate(report)
     uri = summary["mlflow_tracking_uri"]
     print(f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {uri}")
+    if status == 0:
+        print("the page:        make demo, then open http://127.0.0.1:5000")
+        print("                 (or .venv/bin/medgpt serve, and .venv/bin/medgpt web beside it)")
     print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
     return status
 
@@ -346,6 +349,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    """The prompt page (Flask) in front of a running Serve app; like ``python web/app.py``.
+    Only the web package is imported: no torch, no model."""
+    from web.app import run
+
+    return run(args.host, args.port, args.serve_url)
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", help="YAML recipe (sections model/train/job), e.g. configs/tiny-cpu.yaml"
@@ -418,6 +429,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="HTTP host (127.0.0.1)")
     s.add_argument("--port", type=int, help="HTTP port (8000)")
     s.set_defaults(func=cmd_serve)
+    w = sub.add_parser(
+        "web",
+        help="the prompt page: a Flask front over a running `medgpt serve` (127.0.0.1:5000)",
+        description="Serve the prompt page (Flask, threaded) that forwards /api/* to the Ray "
+        "Serve endpoint (--serve-url, MEDGPT_SERVE_URL, else http://127.0.0.1:8000). Listening "
+        "beyond 127.0.0.1 is refused unless MEDGPT_WEB_API_KEY is set. Production: gunicorn "
+        "(see the README).",
+    )
+    # The same flags as web/app.py's own (not imported here: Flask would slow every command).
+    w.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (%(default)s); any other needs MEDGPT_WEB_API_KEY",
+    )
+    w.add_argument("--port", type=int, default=5000, help="port (%(default)s)")
+    w.add_argument(
+        "--serve-url",
+        help="the Ray Serve HTTP endpoint (MEDGPT_SERVE_URL, else http://127.0.0.1:8000)",
+    )
+    w.set_defaults(func=cmd_web)
     q = sub.add_parser(
         "quickstart",
         help="run the main job on the embedded defaults (offline ICD-10-CM corpus)",
