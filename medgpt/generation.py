@@ -126,7 +126,13 @@ class _Sequence:
 class Engine:
     """Continuous batching over one KV cache. See the module docstring."""
 
-    def __init__(self, model: GPT, max_batch_size: int = 8, max_queue: int | None = None) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        max_batch_size: int = 8,
+        max_queue: int | None = None,
+        initial_cache_len: int = 256,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model = model.eval()
@@ -135,7 +141,10 @@ class Engine:
         self.max_len = model.config.block_size
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.cache = KVCache(model.config, max_batch_size, device=self.device, dtype=dtype)
+        # The cache starts short and grows (doubling) when a sequence needs more positions:
+        # a full-context cache for every row would cost GPT-2 124M 75 MB per row up front.
+        first_len = max(1, min(initial_cache_len, self.max_len))
+        self.cache = KVCache(model.config, max_batch_size, first_len, self.device, dtype)
         self.enc = get_tokenizer()
         self._lock = threading.Lock()
         self._waiting: deque[_Sequence] = deque()
@@ -205,6 +214,9 @@ class Engine:
             self._release(seq)
             events.append(self._finish(seq, "cancelled"))
         decoding = list(self._running)
+        needed = max([s.position + 1 for s in decoding] + [len(s.prompt) for s in admitted] + [0])
+        if needed > self.cache.max_len:
+            self._grow(needed)
         if decoding:
             idx = torch.tensor([s.last for s in decoding], device=self.device)
             pos = torch.tensor([s.position for s in decoding], device=self.device)
@@ -219,6 +231,14 @@ class Engine:
             logits, _ = self.model(prompt, kv_cache=view)
             events.append(self._advance(seq, logits[0, -1]))
         return events
+
+    def _grow(self, needed: int) -> None:
+        old = self.cache
+        size = min(self.max_len, max(needed, 2 * old.max_len))
+        new = KVCache(self.model.config, self.max_batch_size, size, self.device, old.k.dtype)
+        new.k[:, :, :, : old.max_len] = old.k
+        new.v[:, :, :, : old.max_len] = old.v
+        self.cache = new
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
         token = sample_token(logits, seq.params, seq.gen)

@@ -229,3 +229,15 @@ def test_complete_keeps_its_contract(model) -> None:
     )  # prompt longer than the context
     assert isinstance(text, str)
     assert complete(model, "Asthma", 10, seed=3) == complete(model, "Asthma", 10, seed=3)
+
+
+def test_the_cache_grows_without_changing_results(model) -> None:
+    # A cache that starts at 4 positions doubles as sequences grow; tokens are unchanged.
+    solo = [Engine(model, 1).generate(p, _params(i)) for i, p in enumerate(PROMPTS)]
+    engine = Engine(model, max_batch_size=3, initial_cache_len=4)
+    for i, p in enumerate(PROMPTS):
+        engine.submit(f"r{i}", p, _params(i))
+    events = _drain(engine)
+    for i in range(len(PROMPTS)):
+        assert [t for e in events[f"r{i}"] for t in e.token_ids] == solo[i]["token_ids"], i
+    assert 4 < engine.cache.max_len <= 96
