@@ -3,11 +3,14 @@ tiny training recipe the Ray tests run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_test_clusters(grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names a test cluster's temp dir
+    (/tmp/rmt-*); Ray's workers, raylet, GCS and dashboard all carry it."""
+    import signal
+
+    def ours() -> list[int]:
+        marked, parent = set(), {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            if b"/tmp/rmt-" in cmd:
+                marked.add(int(entry.name))
+        # Ray retitles its workers (the marker leaves their command line): take descendants.
+        changed = True
+        while changed:
+            extra = {pid for pid, pp in parent.items() if pp in marked and pid not in marked}
+            changed = bool(extra)
+            marked |= extra
+        return sorted(marked)
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = ours()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = ours()
+        if not pids:
+            return
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A head node started with `ray start --head` (token auth on, as Ray 2.60 defaults to),
@@ -46,9 +88,12 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
     }
     os.environ.update(env)
-    subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, timeout=60)
+    # A private temp dir marks this cluster's processes, so teardown stops them and nothing
+    # else: `ray stop --force` would also kill a developer's (or a benchmark's) own Ray.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rmt-", dir="/tmp"))  # short: socket paths
+    _stop_test_clusters()  # leftovers of an earlier test session that was killed
     start = [
-        str(RAY_BIN), "start", "--head", f"--port={port}", "--num-cpus=2",
+        str(RAY_BIN), "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats",
     ]  # fmt: skip
@@ -63,7 +108,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import ray
 
     ray.shutdown()
-    subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, timeout=120)
+    _stop_test_clusters()
+    shutil.rmtree(temp_dir, ignore_errors=True)
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *env):
         os.environ.pop(key, None)
 
