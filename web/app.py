@@ -460,11 +460,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         if resp.status_code != 200:
             resp.content  # noqa: B018 - read the (small) error body before closing
             raise _relay_error(resp)
-        return Response(
+        out = Response(
             _relay_stream(resp, app.config["READ_TIMEOUT"]),
             mimetype="text/event-stream",
             headers=STREAM_HEADERS,
         )
+        # Also when the client leaves before the first chunk (the generator never started).
+        out.call_on_close(resp.close)
+        return out
 
     return app
 
