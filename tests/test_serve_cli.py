@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+import yaml
 
 from medgpt.checkpoint import save_checkpoint
 from medgpt.config import ModelConfig
@@ -27,8 +28,13 @@ def test_medgpt_serve_runs_the_config_app(ray_cluster, tmp_path) -> None:
     ckpt = save_checkpoint(tmp_path / "ck", GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32)), {})
     port = _free_port()
     medgpt = Path(sys.executable).parent / "medgpt"
-    cmd = [str(medgpt), "serve", "--checkpoint", str(ckpt), "--storage-path", str(tmp_path),
-           "--port", str(port)]  # fmt: skip
+    # The shipped config asks 2 CPUs per replica: the whole test cluster. Half a CPU here.
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    raw["applications"][0]["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.5
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cmd = [str(medgpt), "serve", "--config", str(config), "--checkpoint", str(ckpt),
+           "--storage-path", str(tmp_path), "--port", str(port)]  # fmt: skip
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     url = f"http://127.0.0.1:{port}"
@@ -51,5 +57,12 @@ def test_medgpt_serve_runs_the_config_app(ray_cluster, tmp_path) -> None:
         finally:
             proc.kill()
             log.close()
+        # Whatever the subprocess left running on the shared cluster goes, so later tests get
+        # its CPUs back.
+        import ray
+        from ray import serve
+
+        ray.init(address=ray_cluster["address"], ignore_reinit_error=True)
+        serve.shutdown()
     text = (tmp_path / "serve.log").read_text()
     assert f"serving {ckpt} at {url}" in text
