@@ -1,4 +1,4 @@
-"""`medgpt serve` end to end: a subprocess deploys serve/config.yaml's app on the session's
+"""Runs last (file name): it drives Serve on the shared cluster from a subprocess. `medgpt serve` end to end: a subprocess deploys serve/config.yaml's app on the session's
 Ray cluster, answers HTTP, and shuts Serve down on Ctrl-C."""
 
 from __future__ import annotations
