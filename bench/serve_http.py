@@ -1,0 +1,630 @@
+"""HTTP serving benchmark: the Ray Serve app under 1, 2, 4, 8, 16 concurrent streaming clients.
+
+Definitions follow vLLM's ``benchmarks/benchmark_serving.py`` (``--max-concurrency`` with an
+unlimited request rate): at each concurrency level C, N requests (``--requests``; default
+``max(8, 2*C)``) are sent by C client workers (asyncio + ``aiohttp``, one connection pool), each
+worker starting its next request as soon as its previous one has finished. Every request is
+``POST /v1/completions`` with ``stream: true`` and ``stream_options: {"include_usage": true}``,
+one of a fixed set of medical prompts (24-38 GPT-2 tokens), ``max_tokens`` (``--max-tokens``),
+temperature 0.8 and a distinct seed.
+
+Per request, measured at the client from just before the POST:
+
+* TTFT   time to the first chunk carrying non-empty ``choices[0].text``
+* ITL    the gaps between successive text chunks after the first (one token per chunk, except
+  where a UTF-8 character spans tokens and two arrive together)
+* E2EL   time until ``data: [DONE]`` (end-to-end latency)
+* TPOT   (E2EL - TTFT) / (output tokens - 1), for requests with more than one output token;
+  output tokens are ``usage.completion_tokens`` from the last chunk before ``[DONE]``
+
+Per level: duration (first request sent to last one finished), request throughput
+(completed / duration), output token throughput (output tokens / duration), and the mean,
+median and p99 of TTFT, TPOT, ITL and E2EL (``numpy.percentile``, linear, as vLLM). The API has
+no ``ignore_eos``: a random-init model rarely samples end-of-text, and real counts come from
+``usage`` anyway (the output lists any request that stopped early).
+
+Unless ``--url`` is given, the benchmark serves a model itself: a random-init checkpoint of
+``--size`` (``torch.manual_seed(0)``; decode speed does not depend on what the weights learned)
+or ``--checkpoint``, on a PRIVATE local Ray (``ray.init(address="local", num_cpus=2)``: it never
+joins another cluster running on this machine), Serve's HTTP proxy on a free port of 127.0.0.1,
+one ``MedgptServer`` replica (``max_batch_size`` 16, 2 CPUs, 2 torch threads). The replica's
+peak resident memory (``VmHWM`` of its process, found through the actor table) is reported
+against the 1.5 GB requirement. The client runs on the same machine as the server and takes
+some of the same CPUs, as a local user's would.
+
+    python bench/serve_http.py --size tiny --max-tokens 16 --concurrency 1,4   # smoke, ~1 min
+    python bench/serve_http.py                                 # gpt2 124M fp32, ~5 minutes
+    python bench/serve_http.py --int8 --json int8.json
+    python bench/serve_http.py --url http://127.0.0.1:8000     # an already running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+PROMPTS = [
+    "The patient is a 67-year-old woman with a history of congestive heart failure and atrial "
+    "fibrillation who presents with worsening dyspnea on exertion.",
+    "Question: What are the first-line pharmacological treatments for newly diagnosed essential "
+    "hypertension in adults without diabetes?\nAnswer:",
+    "ICD-10-CM E11.9: Type 2 diabetes mellitus without complications. Use additional code to "
+    "identify control using insulin or oral hypoglycemic drugs.",
+    "Discharge summary: the patient was admitted with community-acquired pneumonia, treated with "
+    "intravenous ceftriaxone and azithromycin, and improved steadily.",
+    "Acute kidney injury is defined by an increase in serum creatinine of at least 0.3 mg/dL "
+    "within 48 hours or a decrease in urine output.",
+    "Question: How should a clinician evaluate a child presenting with fever, irritability and a "
+    "non-blanching petechial rash?\nAnswer:",
+    "Chronic obstructive pulmonary disease is characterised by persistent respiratory symptoms "
+    "and airflow limitation due to airway and alveolar abnormalities.",
+    "Medication reconciliation: metformin 1000 mg twice daily, lisinopril 20 mg once daily, "
+    "atorvastatin 40 mg at bedtime, and aspirin 81 mg daily.",
+]
+TEMPERATURE = 0.8
+SEED_BASE = 1000
+RSS_LIMIT_BYTES = 1.5e9  # the project's requirement for a GPT-2 124M fp32 replica
+RATIO_TARGET = 4.0  # output tok/s at concurrency 8 / at concurrency 1
+REPLICA_CLASS = "MedgptServer"
+
+
+# ---------------------------------------------------------------------------------------------
+# One request
+
+
+async def one_request(session: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Stream one completion; client-side timings (seconds) and the usage counts."""
+    out: dict[str, Any] = {"ok": False, "ttft": None, "itl": [], "latency": None,
+                           "output_tokens": None, "prompt_tokens": None, "chunks": 0,
+                           "finish_reason": None, "text": "", "error": None}  # fmt: skip
+    t0 = time.perf_counter()
+    last = t0
+    done = False
+    try:
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return out
+            async for raw in resp.content:  # one SSE line at a time
+                now = time.perf_counter()
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    out["output_tokens"] = chunk["usage"]["completion_tokens"]
+                    out["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
+                for choice in chunk.get("choices") or []:
+                    text = choice.get("text") or ""
+                    if choice.get("finish_reason"):
+                        out["finish_reason"] = choice["finish_reason"]
+                    if not text:
+                        continue
+                    if out["ttft"] is None:
+                        out["ttft"] = now - t0
+                    else:
+                        out["itl"].append(now - last)
+                    last = now
+                    out["chunks"] += 1
+                    out["text"] += text
+        out["latency"] = time.perf_counter() - t0
+        if not done:
+            out["error"] = "stream ended without [DONE]"
+        elif out["output_tokens"] is None:
+            out["error"] = "no usage chunk"
+        elif out["ttft"] is None:
+            out["error"] = "no text"
+        else:
+            out["ok"] = True
+    except Exception as e:  # a failed request is counted, not fatal
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["latency"] = time.perf_counter() - t0
+    return out
+
+
+def request_body(i: int, max_tokens: int, model: str | None) -> dict[str, Any]:
+    body = {
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "max_tokens": max_tokens,
+        "temperature": TEMPERATURE,
+        "seed": SEED_BASE + i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if model:
+        body["model"] = model
+    return body
+
+
+async def run_level(
+    base_url: str, concurrency: int, n_requests: int, max_tokens: int, first_id: int,
+    model: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    import aiohttp
+
+    url = base_url.rstrip("/") + "/v1/completions"
+    ids = iter(range(first_id, first_id + n_requests))
+    results: list[dict[str, Any]] = []
+
+    async def worker(session: Any) -> None:
+        for i in ids:  # shared iterator: each worker takes the next request when it is free
+            res = await one_request(session, url, request_body(i, max_tokens, model))
+            res["id"] = i
+            results.append(res)
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        duration = time.perf_counter() - t0
+    return summarize(concurrency, sorted(results, key=lambda r: r["id"]), duration, max_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _stats(xs: list[float]) -> dict[str, float | None]:
+    import numpy as np
+
+    if not xs:
+        return {"mean": None, "median": None, "p99": None, "std": None}
+    a = np.asarray(xs, dtype=np.float64)
+    return {"mean": float(a.mean()), "median": float(np.median(a)),
+            "p99": float(np.percentile(a, 99)), "std": float(a.std())}  # fmt: skip
+
+
+def summarize(
+    concurrency: int, results: list[dict[str, Any]], duration: float, max_tokens: int
+) -> dict[str, Any]:
+    ok = [r for r in results if r["ok"]]
+    out_tokens = sum(r["output_tokens"] for r in ok)
+    tpots = [
+        (r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1
+    ]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r["error"] for r in results if r["error"]}),
+        "short": [r["id"] for r in ok if r["output_tokens"] < max_tokens],
+        "duration_s": duration,
+        "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+        "output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": out_tokens / duration,
+        "ttft_s": _stats([r["ttft"] for r in ok]),
+        "tpot_s": _stats(tpots),
+        "itl_s": _stats([x for r in ok for x in r["itl"]]),
+        "e2el_s": _stats([r["latency"] for r in ok]),
+        "results": [{k: v for k, v in r.items() if k != "text"} for r in results],
+    }
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1e3 * x:.1f}"
+
+
+def print_level(s: dict[str, Any]) -> None:
+    """vLLM's result block for one concurrency level."""
+    width = 50
+    print(f"{' Serving Benchmark Result: concurrency ' + str(s['concurrency']) + ' ':=^{width}}")
+    rows = [
+        ("Successful requests:", f"{s['completed']}"),
+        ("Failed requests:", f"{s['failed']}"),
+        ("Benchmark duration (s):", f"{s['duration_s']:.2f}"),
+        ("Total input tokens:", f"{s['prompt_tokens']}"),
+        ("Total generated tokens:", f"{s['output_tokens']}"),
+        ("Request throughput (req/s):", f"{s['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}"),
+    ]
+    sections = (("Time to First Token", "TTFT", "ttft_s"), ("Time per Output Token (excl. "
+                "1st token)", "TPOT", "tpot_s"), ("Inter-token Latency", "ITL", "itl_s"),
+                ("End-to-end Latency", "E2EL", "e2el_s"))  # fmt: skip
+    for title, name, key in sections:
+        rows.append((title, None))
+        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
+            rows.append((f"{label} {name} (ms):", _ms(s[key][stat])))
+    for name, value in rows:
+        print(f"{name:-^{width}}" if value is None else f"{name:<40}{value:>10}")
+    for err in s["errors"]:
+        print(f"  error: {err}")
+    if s["short"]:
+        print(f"  {len(s['short'])} request(s) stopped before max_tokens (end-of-text)")
+    print("=" * width)
+
+
+def print_table(levels: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'conc':>4}{'reqs':>6}{'fail':>5}{'dur s':>8}{'req/s':>7}{'out tok/s':>10}"
+        f"{'TTFT mean/med/p99 ms':>24}{'TPOT mean/med/p99 ms':>23}{'ITL mean/med/p99 ms':>23}"
+        f"{'E2EL med s':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for s in levels:
+        trio = {
+            k: "/".join(f"{1e3 * s[k][x]:.0f}" if s[k][x] is not None else "-"
+                        for x in ("mean", "median", "p99"))
+            for k in ("ttft_s", "tpot_s", "itl_s")
+        }  # fmt: skip
+        med = s["e2el_s"]["median"]
+        print(
+            f"{s['concurrency']:>4}{s['requests']:>6}{s['failed']:>5}{s['duration_s']:>8.1f}"
+            f"{s['request_throughput']:>7.2f}{s['output_throughput']:>10.1f}"
+            f"{trio['ttft_s']:>24}{trio['tpot_s']:>23}{trio['itl_s']:>23}"
+            f"{'-' if med is None else f'{med:.2f}':>11}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Server side: a private Ray, the app, the replica's memory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_get(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    import requests
+
+    try:
+        r = requests.get(url, timeout=timeout)
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            return r.status_code, r.text
+    except requests.RequestException as e:
+        return 0, str(e)
+
+
+def wait_healthy(base_url: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    status, body = 0, None
+    while time.monotonic() < deadline:
+        status, body = _http_get(base_url + "/healthz")
+        if status == 200:
+            return body
+        time.sleep(1.0)
+    raise RuntimeError(f"{base_url}/healthz not 200 within {timeout_s:.0f} s: {status} {body}")
+
+
+def replica_pid(dashboard_url: str | None) -> tuple[int | None, str]:
+    """The pid of the ALIVE MedgptServer replica of THIS driver's cluster, and how it was found.
+
+    ``ray.util.state.list_actors`` needs the dashboard's state API (off here, and another
+    cluster's dashboard must not answer instead), so the GCS actor table of the connected
+    cluster is the fallback; both give the actor's ``pid``."""
+    if dashboard_url:
+        try:
+            from ray.util.state import list_actors
+
+            actors = list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")],
+                                 detail=True)  # fmt: skip
+            pids = [a.pid for a in actors if REPLICA_CLASS in a.class_name]
+            if len(pids) == 1:
+                return pids[0], "ray.util.state.list_actors"
+        except Exception:
+            pass
+    from ray._private import state
+
+    table = state.actors()
+    pids = [
+        a["Pid"]
+        for a in table.values()
+        if a["State"] == "ALIVE" and REPLICA_CLASS in a["ActorClassName"]
+    ]
+    if len(pids) != 1:
+        return None, f"GCS actor table: {len(pids)} ALIVE {REPLICA_CLASS} actors"
+    return pids[0], "GCS actor table (ray._private.state.actors)"
+
+
+def proc_memory(pid: int) -> dict[str, Any]:
+    """VmHWM (peak resident) and VmRSS of a process, in bytes, and its title."""
+    out: dict[str, Any] = {"pid": pid}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    out[key] = int(value.split()[0]) * 1024
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            out["title"] = f.read().split(b"\0")[0].decode(errors="replace")[:80]
+    except OSError as e:
+        out["error"] = str(e)
+    return out
+
+
+def start_server(a: argparse.Namespace, tmp: Path) -> tuple[str, dict[str, Any]]:
+    import ray
+    import torch
+    from ray import serve
+
+    from medgpt.serving import app_builder
+
+    if a.checkpoint:
+        checkpoint, storage = a.checkpoint, a.storage_path
+        what = f"checkpoint {a.checkpoint}"
+    else:
+        from medgpt.checkpoint import save_checkpoint
+        from medgpt.config import ModelConfig
+        from medgpt.model import GPT
+
+        torch.manual_seed(0)
+        model = GPT(ModelConfig.preset(a.size))
+        what = (f"{a.size} ({model.num_params(non_embedding=False) / 1e6:.1f}M params, random "
+                f"init seed 0)")  # fmt: skip
+        checkpoint = str(tmp / "model")
+        save_checkpoint(checkpoint, model, {"step": 0})
+        del model
+        storage = str(tmp / "storage")
+    ctx = ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False,
+                   log_to_driver=False)  # fmt: skip
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "checkpoint": checkpoint,
+        "storage_path": storage,
+        "max_batch_size": a.max_batch_size,
+        "max_queue": 256,
+        "max_tokens_cap": 512,
+        "threads": a.num_cpus,
+        "int8": a.int8,
+    }
+    deployment = {"max_ongoing_requests": 300, "ray_actor_options": {"num_cpus": a.num_cpus}}
+    t0 = time.perf_counter()
+    serve.run(app_builder(args, deployment), name="bench", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base, 300)
+    info = {"what": what + (", int8" if a.int8 else ", fp32"), "app_args": args,
+            "deployment": deployment, "ray_version": ray.__version__,
+            "startup_s": time.perf_counter() - t0,
+            "dashboard_url": getattr(ctx, "dashboard_url", None) or None}  # fmt: skip
+    return base, info
+
+
+def stop_server() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load) + f" (1/5/15 min, {os.cpu_count()} cores)"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_pids() -> list[int]:
+    """Running pytest processes: other load on the CPUs the benchmark measures (and, before
+    commit 84a58e5, a Ray test fixture that ran ``ray stop --force``, which killed every Ray
+    cluster on the machine, this benchmark's private one included)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"pytest" in arg for arg in argv[:3]):
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 1.0) -> list[dict[str, Any]]:
+    """Poll until the 1-minute load average is <= threshold and no pytest is running, or
+    max_wait_s has passed; returns every reading."""
+    t0 = time.monotonic()
+    seen: list[dict[str, Any]] = []
+    while True:
+        now = {"t_s": time.monotonic() - t0, "load1": os.getloadavg()[0], "pytest": pytest_pids()}
+        seen.append(now)
+        if (now["load1"] <= threshold and not now["pytest"]) or now["t_s"] >= max_wait_s:
+            return seen
+        print(f"  load {now['load1']:.2f}, pytest pids {now['pytest']}: waiting", file=sys.stderr)
+        time.sleep(min(30.0, max(1.0, max_wait_s - now["t_s"])))
+
+
+def _prompt_tokens() -> list[int]:
+    from medgpt.tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    return [len(enc.encode_ordinary(p)) for p in PROMPTS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", default="gpt2", help="random-init model preset to serve (gpt2)")
+    p.add_argument("--checkpoint", help="serve this checkpoint instead (folder, run, models:/)")
+    p.add_argument("--storage-path", default="runs", help="MLflow store for --checkpoint models:/")
+    p.add_argument("--int8", action="store_true", help="serve the int8 engine (int8: true)")
+    p.add_argument("--url", help="benchmark a running server at this base URL; no Ray started")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per level; 0 = max(8, 2 x concurrency)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=16, help="the engine's batch rows")
+    p.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs = the replica's CPUs/threads")
+    p.add_argument("--wait-quiet", type=float, default=0,
+                   help="first wait up to this many seconds for 1-min load <= 1.0 and no "
+                   "pytest running")  # fmt: skip
+    p.add_argument("--json", type=Path, help="write all figures and per-request timings here")
+    a = p.parse_args(argv)
+    try:
+        levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    except ValueError:
+        p.error("--concurrency: comma-separated integers")
+    if not levels or min(levels) < 1 or a.max_tokens < 1 or a.requests < 0:
+        p.error("--concurrency levels and --max-tokens must be >= 1, --requests >= 0")
+    if a.url and (a.checkpoint or a.int8):
+        p.error("--url benchmarks a running server: --checkpoint/--int8 do not apply")
+
+    import aiohttp
+    import torch
+
+    prompt_lens = _prompt_tokens()
+    quiet = wait_for_quiet(a.wait_quiet) if a.wait_quiet > 0 else []
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    print(f"machine: {_cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}, "
+          f"aiohttp {aiohttp.__version__}, Python {platform.python_version()}")  # fmt: skip
+    if len(quiet) > 1:
+        print(f"waited {quiet[-1]['t_s']:.0f} s for quiet: 1-min load "
+              f"{' -> '.join(format(x['load1'], '.2f') for x in quiet)}")  # fmt: skip
+    busy = pytest_pids()
+    print(f"load average before: {_fmt_load(load_before)}; pytest processes running: "
+          f"{busy or 'none'}")  # fmt: skip
+    if busy:
+        print("WARNING: pytest is running: its load skews the timings (and test fixtures before "
+              "84a58e5 ran `ray stop --force`, killing every Ray cluster on the machine)")  # fmt: skip
+
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="serve_http_")
+    tmp = Path(tmp_ctx.name)
+    server: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
+    started = False
+    try:
+        if a.url:
+            base = a.url.rstrip("/")
+            server = {"what": f"running server at {base}"}
+        else:
+            started = True
+            base, server = start_server(a, tmp)
+            print(f"serving {server['what']} on Ray {server['ray_version']} (private local "
+                  f"cluster, {a.num_cpus} CPUs), Serve at {base}; ready in "
+                  f"{server['startup_s']:.0f} s")  # fmt: skip
+            pid, how = replica_pid(server["dashboard_url"])
+            server["replica_pid"], server["replica_pid_from"] = pid, how
+            if pid is not None:
+                memory["after_start"] = proc_memory(pid)
+        status, models = _http_get(base + "/v1/models")
+        card = models["data"][0] if status == 200 and isinstance(models, dict) else {}
+        context = card.get("context_length")
+        if context is not None and max(prompt_lens) + a.max_tokens > context:
+            raise SystemExit(
+                f"longest prompt ({max(prompt_lens)} tokens) + --max-tokens {a.max_tokens} "
+                f"exceeds the model's context of {context}"
+            )
+        model_id = card.get("id")
+        warm = asyncio.run(run_level(base, 1, 1, min(8, a.max_tokens), 0, model_id))
+        if warm["failed"]:
+            raise SystemExit(f"warm-up request failed: {warm['errors']}")
+        print(f"model {model_id!r}, context {context}; prompts {len(PROMPTS)} "
+              f"({min(prompt_lens)}-{max(prompt_lens)} tokens), max_tokens {a.max_tokens}, "
+              f"temperature {TEMPERATURE}, seed {SEED_BASE}+i per request, stream with usage; "
+              f"engine max_batch_size {a.max_batch_size}")  # fmt: skip
+        next_id = 1
+        for c in levels:
+            n = a.requests or max(8, 2 * c)
+            print(f"  concurrency {c}: {n} requests", file=sys.stderr)
+            s = asyncio.run(run_level(base, c, n, a.max_tokens, next_id, model_id))
+            next_id += n
+            runs.append(s)
+            print_level(s)
+            if started and server.get("replica_pid") is not None:  # read now: Ray may die later
+                memory[f"after_concurrency_{c}"] = proc_memory(server["replica_pid"])
+            if busy := pytest_pids():
+                s["pytest_during"] = busy
+                print(f"WARNING: pytest processes {busy} ran during this level")
+            if not s["completed"]:
+                print("every request of this level failed: the sweep stops here")
+                break
+    finally:
+        if started:
+            stop_server()
+        tmp_ctx.cleanup()
+    load_after = os.getloadavg()
+    wall = time.perf_counter() - t_start
+
+    print()
+    print(f"Summary: {server['what']}; max_tokens {a.max_tokens}; times in ms unless noted")
+    print_table(runs)
+    by_c = {s["concurrency"]: s for s in runs}
+    ratio = None
+    if 1 in by_c and 8 in by_c and by_c[1]["output_throughput"] > 0:
+        ratio = by_c[8]["output_throughput"] / by_c[1]["output_throughput"]
+        print(f"output tok/s at concurrency 8 / at concurrency 1: "
+              f"{by_c[8]['output_throughput']:.1f} / {by_c[1]['output_throughput']:.1f} = "
+              f"{ratio:.2f}x (target >= {RATIO_TARGET:.0f}x: "
+              f"{'met' if ratio >= RATIO_TARGET else 'NOT met'})")  # fmt: skip
+    failed = sum(s["failed"] for s in runs)
+    if failed:
+        print(f"WARNING: {failed} request(s) failed; the figures of those levels are not valid")
+    readings = [(k, v) for k, v in memory.items() if "VmHWM" in v and "Replica" in v["title"]]
+    if readings:
+        when, m = readings[-1]
+        first = memory.get("after_start", {})
+        print(f"replica pid {m['pid']} ({m['title']}; found via "
+              f"{server['replica_pid_from']}): peak RSS (VmHWM) {m['VmHWM'] / 1e6:,.0f} MB "
+              f"= {m['VmHWM'] / 2**20:,.0f} MiB, RSS {when.replace('_', ' ')} "
+              f"{m['VmRSS'] / 1e6:,.0f} MB "
+              f"(after start-up: peak {first.get('VmHWM', 0) / 1e6:,.0f} MB, RSS "
+              f"{first.get('VmRSS', 0) / 1e6:,.0f} MB); requirement < "
+              f"{RSS_LIMIT_BYTES / 1e9:.1f} GB: "
+              f"{'met' if m['VmHWM'] < RSS_LIMIT_BYTES else 'NOT met'}")  # fmt: skip
+    elif started:
+        print(f"replica peak RSS: unavailable ({server.get('replica_pid_from')}; {memory})")
+    print(f"load average after: {_fmt_load(load_after)}; wall {wall:.0f} s")
+
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "args": vars(a) | {"json": str(a.json)},
+            "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                        "torch": torch.__version__},
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            "waited_for_quiet": quiet,
+            "server": server,
+            "replica_memory": memory,
+            "prompt_tokens": prompt_lens,
+            "ratio_c8_over_c1": ratio,
+            "levels": runs,
+            "wall_s": wall,
+        }  # fmt: skip
+        a.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
