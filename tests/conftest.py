@@ -37,6 +37,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray caches its auth mode when it is first imported: a test that imports ray before the
+# cluster fixture runs would fix it at "disabled" for the whole session, and every later
+# connection would fail. So the token settings are exported as soon as pytest loads this file.
+_AUTH_ENV = {**RAY_TEST_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+os.environ.update(_AUTH_ENV)
+
+
 def _stop_test_clusters(grace_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL, every process whose command line names a test cluster's temp dir
     (/tmp/rmt-*); Ray's workers, raylet, GCS and dashboard all carry it."""
@@ -82,11 +89,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     shared by every Ray test; RAY_ADDRESS and the token are exported so in-process drivers,
     subprocess drivers and `ray job submit` all reach it."""
     port, dash, agent = _free_port(), _free_port(), _free_port()
-    env = {
-        **RAY_TEST_ENV,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }
+    env = _AUTH_ENV
     os.environ.update(env)
     # A private temp dir marks this cluster's processes, so teardown stops them and nothing
     # else: `ray stop --force` would also kill a developer's (or a benchmark's) own Ray.
