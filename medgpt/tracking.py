@@ -60,10 +60,8 @@ def start_or_resume_run(
 ) -> tuple[str, bool]:
     """The MLflow run for ``run_name`` in ``experiment``: the existing one, or a new one with
     ``params`` logged. Returns (run_id, resumed)."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = (
@@ -171,10 +169,20 @@ def _using(uri: str) -> Iterator[None]:
 
     Some calls ignore their ``tracking_uri=`` argument part of the way down (downloading a
     registered version resolves its logged model through the global store), so without
-    this they would read — and create — ``./mlflow.db`` in the working directory."""
-    import mlflow
+    this they would read — and create — ``./mlflow.db`` in the working directory.
 
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` (and the registry's
+    variable) into this process's environment; those are put back exactly as they were, or
+    every later run in the process — and every subprocess it starts — would follow ``uri``."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    # The explicitly set values (usually None), not the resolved defaults: restoring a
+    # resolved ``sqlite:///<cwd>/mlflow.db`` would pin today's working directory.
+    previous = (tracking_utils._tracking_uri, registry_utils._registry_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -182,6 +190,11 @@ def _using(uri: str) -> Iterator[None]:
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _mlflow_message(e: BaseException) -> str:

@@ -117,6 +117,25 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         os.environ.pop(key, None)
 
 
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_env_unchanged() -> Any:
+    """Fail a test that leaves MLflow's URI variables changed: ``mlflow.set_tracking_uri``
+    exports them, and a leak sends every later run in the session (and every subprocess, like
+    `ray job submit`) to another store — CI once failed two distant tests that way."""
+    before = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    yield
+    after = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert after == before, f"the test left MLflow's environment changed: {after} != {before}"
+
+
 @pytest.fixture(scope="session")
 def icd_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builtin ICD-10-CM corpus, prepared once per session (~1.2M tokens)."""

@@ -628,8 +628,9 @@ def test_unknown_registry_references(registry, corpus, ref, message, capsys) -> 
 def test_pyfunc_loads_and_completes(registry) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(registry["uri"])
-    mlflow.set_registry_uri(registry["uri"])
-    model = mlflow.pyfunc.load_model("models:/medgpt@champion")
+    from medgpt.tracking import _using
+
+    with _using(registry["uri"]):
+        model = mlflow.pyfunc.load_model("models:/medgpt@champion")
     out = model.predict(["Asthma is", "Fever"], params={"max_new_tokens": 5, "seed": 1})
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
