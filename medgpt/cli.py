@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -120,19 +121,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """The README's main job on a fresh machine: prepare, train, and gate on the embedded
-    defaults; a model that passes is registered as ``models:/medgpt@champion``."""
+    """The README's main job on a fresh machine: prepare, train, gate and register on the
+    embedded defaults, then serve the champion (Ray Serve + the prompt page) until Ctrl-C."""
     from medgpt.config import Recipe, apply_overrides, load_yaml
     from medgpt.data.prepare import PrepareConfig, prepare
     from medgpt.evaluation import EvalConfig, GateRequest, run_gate
     from medgpt.launch import train
 
     t0 = time.perf_counter()
-    print(f"[1/3] preparing the builtin ICD-10-CM corpus into {args.data}", flush=True)
+    steps = 3 if args.no_serve else 4
+    print(f"[1/{steps}] preparing the builtin ICD-10-CM corpus into {args.data}", flush=True)
     cfg = PrepareConfig(sources=["builtin:icd10cm"], out=args.data)
     _print_summary(prepare(cfg), cfg.out)
     recipe_path = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
-    print(f"[2/3] training {recipe_path.name} on 2 Ray workers (a few minutes)", flush=True)
+    print(f"[2/{steps}] training {recipe_path.name} on 2 Ray workers (a few minutes)", flush=True)
     recipe = Recipe.from_dict(
         apply_overrides(load_yaml(recipe_path), [f"train.data_dir={args.data}", *(args.set or [])])
     )
@@ -141,7 +143,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     val_text = f"{val:.4f}" if isinstance(val, float) else "not measured"
     print(f"best checkpoint: {summary['best_checkpoint']} (val_loss {val_text})")
     print(f"MLflow run id:   {summary['mlflow_run_id']}")
-    print(f"[3/3] readiness gate: held-out loss must be <= {args.max_loss}", flush=True)
+    print(f"[3/{steps}] readiness gate: held-out loss must be <= {args.max_loss}", flush=True)
     report = run_gate(
         GateRequest(
             checkpoint=summary["best_checkpoint"] or summary["run_dir"],
@@ -155,11 +157,94 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     status = print_gate(report)
     uri = summary["mlflow_tracking_uri"]
     print(f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {uri}")
-    if status == 0:
-        print("the page:        make demo, then open http://127.0.0.1:5000")
-        print("                 (or .venv/bin/medgpt serve, and .venv/bin/medgpt web beside it)")
-    print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
-    return status
+    if status != 0 or args.no_serve:
+        if status == 0:
+            print("the page:        make demo, then open http://127.0.0.1:5000")
+        print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
+        return status
+    print("[4/4] serving the champion on Ray Serve, and the prompt page", flush=True)
+    return _serve_until_interrupted(
+        f"models:/{report['registered']['name']}@{report['registered']['alias']}",
+        recipe.job.storage_path,
+        args.serve_port,
+        args.web_port,
+        args.serve_cpus,
+        t0,
+    )
+
+
+def _wait_http(url: str, timeout_s: float, alive: Any = None) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if alive is not None and not alive():
+                break
+            time.sleep(0.5)
+    raise MedgptError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def _serve_until_interrupted(
+    checkpoint: str,
+    storage_path: str,
+    serve_port: int,
+    web_port: int,
+    serve_cpus: float | None,
+    t0: float,
+) -> int:
+    """Serve the champion and run the page beside it until Ctrl-C (or SIGTERM); then stop
+    the page, Serve, and the local Ray this process started, leaving no processes behind."""
+    import signal
+    import subprocess
+
+    import ray
+    from ray import serve
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM too: Ray's core aborts on its default handling
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    web = None
+    try:
+        config = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+        serve_url = deploy_serve(
+            config, checkpoint, storage_path, port=serve_port, num_cpus=serve_cpus
+        )
+        _wait_http(f"{serve_url}/healthz", 300)
+        # The page runs in its own process (and session, so Ctrl-C reaches it only through
+        # us): Flask never shares a process with Ray or torch.
+        web = subprocess.Popen(
+            [sys.executable, "-m", "medgpt.cli", "web", "--port", str(web_port),
+             "--serve-url", serve_url],
+            start_new_session=True,
+        )  # fmt: skip
+        page = f"http://127.0.0.1:{web_port}"
+        _wait_http(f"{page}/healthz", 60, alive=lambda: web.poll() is None)
+        print(f"quickstart ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"open {page}  (Ctrl-C stops the page, the model server and Ray)", flush=True)
+        while web.poll() is None:
+            time.sleep(0.5)
+        raise MedgptError(f"the prompt page stopped (exit status {web.returncode})")
+    except KeyboardInterrupt:
+        print("stopping the page, Serve and Ray ...", flush=True)
+        return 0
+    finally:
+        if web is not None and web.poll() is None:
+            web.send_signal(signal.SIGINT)
+            try:
+                web.wait(10)
+            except subprocess.TimeoutExpired:
+                web.kill()
+                web.wait()
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+        print("stopped", flush=True)
 
 
 def _load_recipe(args: argparse.Namespace) -> Any:
@@ -192,6 +277,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "result_file" in summary:
         print(f"summary:         {summary['result_file']}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from medgpt.tuning import load_spec, run_sweep, trial_table
+
+    overrides = list(args.set or [])
+    for flag, key in (
+        ("name", "sweep.name"),
+        ("num_samples", "sweep.num_samples"),
+        ("max_concurrent", "sweep.max_concurrent_trials"),
+        ("max_loss", "gate.max_loss"),
+        ("storage", "job.storage_path"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    spec = load_spec(args.config, overrides)
+    summary = run_sweep(spec, register=args.register)
+    print(
+        f"sweep {summary['name']!r}: {len(summary['trials'])} trials in {summary['seconds']:.0f} s"
+    )
+    print(trial_table(summary["trials"]), end="")
+    best = summary["best"]
+    print(f"best trial:      {best['trial_id']} val_loss {best['val_loss']:.4f} {best['values']}")
+    print(f"best checkpoint: {best['checkpoint']}")
+    print(
+        f"MLflow:          parent run {summary['mlflow_parent_run_id']} "
+        f"({summary['mlflow_tracking_uri']})"
+    )
+    print(f"summary:         {summary['sweep_dir']}/medgpt-sweep.json")
+    if summary.get("report") is None:
+        return 0
+    return print_gate(summary["report"])
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,14 +414,27 @@ def print_gate(report: dict[str, Any]) -> int:
         return 1
     print(f"PASS: loss {gate['loss']:.4f} <= {gate['max_loss']}")
     reg = report.get("registered")
-    if reg:
+    if reg and reg.get("reused"):
+        print(
+            f"already registered as {reg['model_uri']} (same checkpoint files); "
+            f"alias {reg['alias']!r} -> version {reg['version']}"
+        )
+    elif reg:
         print(f"registered {reg['model_uri']}; alias {reg['alias']!r} -> version {reg['version']}")
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Deploy serve/config.yaml's application on Ray Serve (flags override its args) and keep
-    serving until interrupted; like ``serve run serve/config.yaml``."""
+def deploy_serve(
+    config: str | Path,
+    checkpoint: str | None = None,
+    storage_path: str | None = None,
+    int8: bool | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    num_cpus: float | None = None,
+) -> str:
+    """Deploy a Serve config file's application (these values override its args) on
+    RAY_ADDRESS, the Ray this process already joined, or a new local one; returns its URL."""
     import ray
     from pydantic import ValidationError
     from ray import serve
@@ -311,17 +442,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from medgpt.config import ConfigError, load_yaml
     from medgpt.serving import ServeConfig, app_builder
 
-    cfg = load_yaml(args.config)
+    cfg = load_yaml(config)
     try:
         app_cfg = cfg["applications"][0]
     except (KeyError, IndexError, TypeError):
-        raise ConfigError(f"{args.config}: no applications[0] (a Serve config file)") from None
+        raise ConfigError(f"{config}: no applications[0] (a Serve config file)") from None
     app_args = dict(app_cfg.get("args") or {})
-    for key in ("checkpoint", "storage_path", "int8"):
-        if getattr(args, key) is not None:
-            app_args[key] = getattr(args, key)
+    for key, value in (("checkpoint", checkpoint), ("storage_path", storage_path), ("int8", int8)):
+        if value is not None:
+            app_args[key] = value
     deployment = dict((app_cfg.get("deployments") or [{}])[0])
     deployment.pop("name", None)
+    if num_cpus is not None:
+        deployment["ray_actor_options"] = {
+            **deployment.get("ray_actor_options", {}),
+            "num_cpus": num_cpus,
+        }
     try:
         app = app_builder(app_args, deployment)
     except ValidationError as e:  # a bad key or value in args
@@ -329,19 +465,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(ServeConfig.model_fields)
-            raise ConfigError(
-                f"{args.config}: unknown key args.{key} (allowed: {allowed})"
-            ) from None
-        raise ConfigError(f"{args.config}: args.{key}: {err['msg']}") from None
+            raise ConfigError(f"{config}: unknown key args.{key} (allowed: {allowed})") from None
+        raise ConfigError(f"{config}: args.{key}: {err['msg']}") from None
     http = {**(cfg.get("http_options") or {})}
-    http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
-    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
     serve.start(http_options=http)
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    print(f"serving {app_args.get('checkpoint')} at {url} (Ctrl-C stops)", flush=True)
+    print(f"serving {app_args.get('checkpoint')} at {url}", flush=True)
     serve.run(
         app, name=app_cfg.get("name", "medgpt"), route_prefix=app_cfg.get("route_prefix", "/")
     )
+    return url
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Deploy serve/config.yaml's application on Ray Serve (flags override its args) and keep
+    serving until interrupted; like ``serve run serve/config.yaml``."""
+    from ray import serve
+
+    deploy_serve(args.config, args.checkpoint, args.storage_path, args.int8, args.host, args.port)
+    print("Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -411,6 +556,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_evaluate_arguments(e)
     e.set_defaults(func=cmd_evaluate)
+    tn = sub.add_parser(
+        "tune",
+        help="hyperparameter sweep: Ray Tune over Ray Train runs (ASHA), then the gate",
+        description="Search a sweep file's space (configs/tune-*.yaml), every trial a full "
+        "Ray Train run recorded as an MLflow child run; ASHA stops weak trials on val_loss; "
+        "the best checkpoint then goes through the readiness gate (exit 1 on FAIL) and, with "
+        "--register, becomes models:/medgpt@champion. Rerunning the same sweep name resumes it. "
+        "Example: medgpt tune --config configs/tune-tiny-cpu.yaml --register",
+    )
+    tn.add_argument("--config", required=True, help="sweep file (configs/tune-*.yaml)")
+    tn.add_argument("--name", help="sweep name (sweep.name); rerun a name to resume it")
+    tn.add_argument("--num-samples", type=int, help="trials (sweep.num_samples)")
+    tn.add_argument(
+        "--max-concurrent", type=int, help="at most this many trials at once (0 = fit cluster)"
+    )
+    tn.add_argument("--max-loss", type=float, help="the gate's threshold (gate.max_loss)")
+    tn.add_argument(
+        "--storage", help="runs folder for trials, Tune state and MLflow (job.storage_path)"
+    )
+    tn.add_argument(
+        "--register",
+        action="store_true",
+        help="on PASS, register the best checkpoint and move the alias champion to it",
+    )
+    tn.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override: sweep.KEY / gate.KEY, space.SECTION.KEY={...}, or a recipe value for "
+        "every trial (train.max_steps=40)",
+    )
+    tn.set_defaults(func=cmd_tune)
     s = sub.add_parser(
         "serve",
         help="serve a checkpoint or models:/medgpt@champion on Ray Serve (OpenAI-compatible)",
@@ -453,9 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart",
         help="run the main job on the embedded defaults (offline ICD-10-CM corpus)",
         description="Prepare the builtin ICD-10-CM corpus, train configs/tiny-cpu.yaml on a "
-        "local Ray cluster with MLflow tracking, then gate the best checkpoint on held-out loss "
-        "and register it as models:/medgpt@champion when it passes (exit 1 when it fails). "
-        "Running it again resumes the same run.",
+        "local Ray cluster with MLflow tracking, gate the best checkpoint on held-out loss and "
+        "register it as models:/medgpt@champion when it passes (exit 1 when it fails), then "
+        "serve it on Ray Serve with the prompt page until Ctrl-C. Running it again reuses the "
+        "data, the trained run and the registered version.",
     )
     q.add_argument("--data", default=DEFAULT_QUICKSTART_DATA, help="dataset folder (%(default)s)")
     q.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="recipe override")
@@ -464,6 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=QUICKSTART_MAX_LOSS,
         help="the gate's threshold for the tiny model (%(default)s nats/token)",
+    )
+    q.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="stop after the gate (do not start Serve and the page)",
+    )
+    q.add_argument("--serve-port", type=int, default=8000, help="Ray Serve's port (%(default)s)")
+    q.add_argument("--web-port", type=int, default=5000, help="the page's port (%(default)s)")
+    q.add_argument(
+        "--serve-cpus", type=float, help="CPUs of the model server's replica (serve/config.yaml)"
     )
     q.set_defaults(func=cmd_quickstart)
     return parser

@@ -107,32 +107,13 @@ def _worker_error(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
-    """Run (or resume) the training run ``recipe.job.name``; returns the summary."""
+def make_trainer(recipe: Recipe, uri: str, run_id: str, callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer of one training run (``recipe`` already resolved and validated)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from medgpt import tracking
-
-    recipe = resolve_paths(recipe)
-    manifest = validate(recipe)
     job = recipe.job
-    connect_ray(recipe)
-    check_capacity(recipe)
-    uri = tracking.tracking_uri_for(job.storage_path, job.mlflow_tracking_uri)
-    run_id, resumed = tracking.start_or_resume_run(
-        uri,
-        job.experiment,
-        job.name,
-        recipe.to_dict(),
-        {"data_manifest_hash": manifest["content_hash"], "mlflow.source.name": "medgpt train"},
-    )
-    print(
-        f"medgpt train: run {job.name!r} ({'resuming' if resumed else 'new'}), "
-        f"{job.num_workers} worker(s), MLflow run {run_id} at {uri}",
-        flush=True,
-    )
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "recipe": recipe.to_dict(),
@@ -157,8 +138,24 @@ def train(recipe: Recipe) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(
                 max_failures=job.max_failures, controller_failure_limit=0
             ),
+            callbacks=callbacks or None,
         ),
     )
+
+
+def fit_and_record(
+    recipe: Recipe,
+    uri: str,
+    run_id: str,
+    manifest: dict[str, Any],
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Fit the run, close its MLflow record (FAILED with the workers' error, or FINISHED with
+    the best checkpoint logged) and write ``<run dir>/medgpt-result.json``; returns the summary."""
+    from medgpt import tracking
+
+    job = recipe.job
+    trainer = make_trainer(recipe, uri, run_id, callbacks)
     started = time.time()
     try:
         result = trainer.fit()
@@ -172,12 +169,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
     for ckpt, metrics in result.best_checkpoints:
         if best is not None and ckpt.path == best.path:
             best_val = metrics.get("val_loss")
+    best_path = best.path if best is not None else None
+    if best_path and _is_uri(job.storage_path) and not _is_uri(best_path):
+        # Ray reports a checkpoint on remote storage by its path inside the bucket, without
+        # the scheme; without it the path would read as a (missing) local folder.
+        best_path = f"{job.storage_path.split('://', 1)[0]}://{best_path}"
     summary = {
         "run_name": job.name,
         "run_dir": str(Path(job.storage_path) / job.name)
         if not _is_uri(job.storage_path)
         else f"{job.storage_path}/{job.name}",
-        "best_checkpoint": best.path if best is not None else None,
+        "best_checkpoint": best_path,
         "best_val_loss": best_val,
         "final_step": (result.metrics or {}).get("step"),
         "final_val_loss": (result.metrics or {}).get("val_loss"),
@@ -193,3 +195,28 @@ def train(recipe: Recipe) -> dict[str, Any]:
         out.write_text(json.dumps(summary, indent=2) + "\n")
         summary["result_file"] = str(out)
     return summary
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run (or resume) the training run ``recipe.job.name``; returns the summary."""
+    from medgpt import tracking
+
+    recipe = resolve_paths(recipe)
+    manifest = validate(recipe)
+    job = recipe.job
+    connect_ray(recipe)
+    check_capacity(recipe)
+    uri = tracking.tracking_uri_for(job.storage_path, job.mlflow_tracking_uri)
+    run_id, resumed = tracking.start_or_resume_run(
+        uri,
+        job.experiment,
+        job.name,
+        recipe.to_dict(),
+        {"data_manifest_hash": manifest["content_hash"], "mlflow.source.name": "medgpt train"},
+    )
+    print(
+        f"medgpt train: run {job.name!r} ({'resuming' if resumed else 'new'}), "
+        f"{job.num_workers} worker(s), MLflow run {run_id} at {uri}",
+        flush=True,
+    )
+    return fit_and_record(recipe, uri, run_id, manifest)

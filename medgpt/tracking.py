@@ -442,6 +442,20 @@ def register_checkpoint(
     sha = serving_sha256(checkpoint)
     code = Path(__file__).with_name("mlflow_model.py")
     client = _client(uri)
+    same = _version_with_files(client, model_name, sha)
+    if same is not None:
+        # Gating the same files again (a rerun of the quickstart or of a sweep) moves the
+        # alias to the version that already carries them instead of piling up copies.
+        client.set_registered_model_alias(model_name, alias, same.version)
+        return {
+            "name": model_name,
+            "version": str(same.version),
+            "alias": alias,
+            "model_uri": f"models:/{model_name}/{same.version}",
+            SHA_TAG: sha,
+            "run_id": same.run_id,
+            "reused": True,
+        }
     with tempfile.TemporaryDirectory() as tmp, _using(uri):
         staged = copy_serving_files(checkpoint, Path(tmp) / CHECKPOINT_ARTIFACT)
         if serving_sha256(staged) != sha:
@@ -478,6 +492,18 @@ def register_checkpoint(
         SHA_TAG: sha,
         "run_id": run_id,
     }
+
+
+def _version_with_files(client: Any, model_name: str, sha: str) -> Any:
+    """The newest version of ``model_name`` whose checkpoint hash is ``sha``, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{model_name}'", max_results=1000)
+    except MlflowException:
+        return None
+    same = [v for v in found if v.tags.get(SHA_TAG) == sha]
+    return max(same, key=lambda v: int(v.version)) if same else None
 
 
 def _requirements() -> list[str]:

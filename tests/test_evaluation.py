@@ -634,3 +634,24 @@ def test_pyfunc_loads_and_completes(registry) -> None:
         model = mlflow.pyfunc.load_model("models:/medgpt@champion")
     out = model.predict(["Asthma is", "Fever"], params={"max_new_tokens": 5, "seed": 1})
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+def test_gating_the_same_files_again_reuses_their_version(registry, corpus, capsys) -> None:
+    """A rerun (quickstart, sweep) must not pile up copies: the version that already carries
+    these files gets the alias; champion stays where it was."""
+    from mlflow.tracking import MlflowClient
+
+    before = _registered(registry["store"])
+    capsys.readouterr()
+    rc = _evaluate(
+        "--checkpoint", registry["first"], "--data", str(corpus["data"]), "--storage",
+        str(registry["store"]), "--register", "--max-loss", "50", "--alias", "staging",
+        "--out", registry["root"] / "again",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "already registered as models:/medgpt/1 (same checkpoint files)" in out
+    assert _registered(registry["store"]) == before
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    assert str(client.get_model_version_by_alias("medgpt", "staging").version) == "1"
+    assert str(client.get_model_version_by_alias("medgpt", "champion").version) == "2"

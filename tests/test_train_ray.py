@@ -3,9 +3,11 @@ tracked in a real MLflow sqlite store."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 from medgpt.config import Recipe
 from medgpt.errors import ConfigError
 from medgpt.launch import TrainingError, train
-from tests.conftest import REPO, tiny_recipe, wait_for
+from tests.conftest import REPO, _free_port, tiny_recipe, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -290,20 +292,64 @@ def test_corrupt_checkpoint_on_resume_names_the_file(ray_cluster, icd_data, stor
         train(Recipe.from_dict(recipe))
 
 
-def test_quickstart_prepares_trains_and_gates(ray_cluster, tmp_path, capsys) -> None:
-    """The README's main job, shortened: prepare, train on Ray, gate, register the champion."""
+def test_quickstart_prepares_trains_gates_and_serves(ray_cluster, tmp_path, capsys) -> None:
+    """The README's main job, shortened: prepare, train on Ray, gate, register the champion;
+    a rerun reuses all of it; then the whole command with serving, stopped by Ctrl-C."""
     from medgpt.cli import main
     from medgpt.tracking import model_version
 
     storage, data = tmp_path / "runs", tmp_path / "icd10cm"
-    rc = main(
-        ["quickstart", "--data", str(data), "--max-loss", "20",
-         "--set", f"job.storage_path={storage}", "--set", "train.max_steps=4"]
-    )  # fmt: skip
+    argv = ["quickstart", "--data", str(data), "--max-loss", "20",
+            "--set", f"job.storage_path={storage}", "--set", "train.max_steps=4"]  # fmt: skip
+    rc = main([*argv, "--no-serve"])
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     for line in ("[1/3] preparing", "[2/3] training", "[3/3] readiness gate", "PASS: loss"):
         assert line in out
     assert "registered models:/medgpt/1; alias 'champion' -> version 1" in out
-    v = model_version(f"sqlite:///{storage / 'mlflow.db'}", "models:/medgpt@champion")
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    v = model_version(uri, "models:/medgpt@champion")
     assert str(v.version) == "1" and v.tags["step"] == "4"
+
+    # Idempotent: the same data, the finished run and its registered version are reused.
+    rc = main([*argv, "--no-serve"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "already registered as models:/medgpt/1" in out
+    assert str(model_version(uri, "models:/medgpt@champion").version) == "1"
+
+    # The whole main job: it ends serving the champion behind the page; Ctrl-C stops it all.
+    serve_port, web_port = _free_port(), _free_port()
+    log = tmp_path / "quickstart.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "medgpt"), *argv, "--serve-port", str(serve_port),
+             "--web-port", str(web_port), "--serve-cpus", "0.5"],
+            stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+        )  # fmt: skip
+    page = f"http://127.0.0.1:{web_port}"
+    try:
+        wait_for(lambda: f"open {page}" in log.read_text(), 400, "the quickstart's page")
+        import requests
+
+        assert "medgpt" in requests.get(page, timeout=10).text
+        r = requests.post(
+            f"{page}/api/generate", json={"prompt": "Asthma is", "max_new_tokens": 4, "seed": 1},
+            timeout=60,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["completion_tokens"] >= 1
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(90) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "[4/4] serving the champion" in text and "stopped" in text
+    for port in (serve_port, web_port):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+    # Nothing the command started outlives it: its process group is empty.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+        raise AssertionError("processes of the quickstart's group are still running")

@@ -1,0 +1,799 @@
+"""Hyperparameter sweeps: Ray Tune over full Ray Train runs, recorded in MLflow, then the gate.
+
+The Train V2 + Tune pattern of Ray 2.60: each trial is a Tune *function* that builds and fits a
+``TorchTrainer`` (the same trainer ``medgpt train`` builds), with ``TuneReportCallback`` passing
+the workers' reports to Tune. ASHA stops weak trials on ``val_loss`` (time = training step). Each
+trial's Train run is named after its Tune trial id, so restoring an interrupted sweep
+(``Tuner.restore``) also resumes every unfinished trial from its latest checkpoint.
+
+MLflow gets one parent run for the sweep and a child run per trial (the trial's own training
+run, with its params and per-step curves); the parent carries the trial table and a PNG of the
+val_loss curves. The best checkpoint of all trials then goes through the readiness gate.
+
+A sweep file (``configs/tune-*.yaml``) has these sections:
+
+    recipe: tiny-cpu.yaml        # the training recipe every trial starts from (or a mapping)
+    overrides: {train.max_steps: 60}          # applied to every trial
+    space:                                    # section.key of the recipe -> distribution
+      train.lr: {loguniform: [3.0e-4, 3.0e-3]}
+      model.n_embd: {choice: [64, 128]}
+    sweep: {name: tune-tiny-cpu, num_samples: 4, grace_period: 20}
+    gate: {max_loss: 6.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medgpt.config import ModelConfig, Recipe, TrainConfig, from_mapping, load_yaml
+from medgpt.errors import ConfigError, MedgptError
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+SEARCHABLE = {"model": ModelConfig, "train": TrainConfig}
+SEARCH_ALGORITHMS = ("auto", "random", "optuna", "hyperopt")
+SCHEDULERS = ("asha", "fifo")
+SPEC_FILE = "medgpt-sweep-spec.json"  # what a sweep folder was started with (restore check)
+RESULT_FILE = "medgpt-sweep.json"
+MAX_COMBINATIONS_CHECKED = 512
+
+
+class SweepError(MedgptError):
+    """The sweep ran but produced nothing usable (every trial failed)."""
+
+
+@dataclasses.dataclass
+class Distribution:
+    """One searched value: ``kind`` in DISTRIBUTIONS; ``args`` the values or the [low, high]."""
+
+    key: str
+    kind: str
+    args: list[Any]
+
+    @classmethod
+    def parse(cls, key: str, spec: Any) -> Distribution:
+        where = f"space.{key}"
+        if not isinstance(spec, Mapping) or len(spec) != 1:
+            raise ConfigError(
+                f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r} "
+                "(a fixed value belongs in overrides)"
+            )
+        ((kind, args),) = spec.items()
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: unknown distribution {kind!r} (allowed: "
+                              f"{', '.join(DISTRIBUTIONS)})")  # fmt: skip
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {args!r}")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(args) != 2 or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
+            ):
+                raise ConfigError(f"{where}.{kind}: expected [low, high] numbers, got {args!r}")
+            lo, hi = args
+            if not lo < hi:
+                raise ConfigError(f"{where}.{kind}: low must be below high, got {args!r}")
+            if kind == "loguniform" and lo <= 0:
+                raise ConfigError(f"{where}.loguniform: low must be > 0, got {lo}")
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise ConfigError(f"{where}.randint: expected [low, high] integers, got {args!r}")
+        return cls(key, kind, list(args))
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all make a valid recipe: every listed one, or both ends."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        lo, hi = self.args
+        if self.kind == "randint":
+            return [lo, hi]
+        return [float(lo), float(hi)]
+
+    def to_tune(self) -> Any:
+        from ray import tune
+
+        lo_hi = self.args
+        if self.kind == "choice":
+            return tune.choice(self.args)
+        if self.kind == "grid":
+            return tune.grid_search(self.args)
+        if self.kind == "uniform":
+            return tune.uniform(float(lo_hi[0]), float(lo_hi[1]))
+        if self.kind == "loguniform":
+            return tune.loguniform(float(lo_hi[0]), float(lo_hi[1]))
+        return tune.randint(lo_hi[0], lo_hi[1] + 1)  # inclusive high, as the file says
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """How the search runs."""
+
+    name: str = "sweep"  # the sweep folder <storage>/<name> and MLflow parent run; rerun = resume
+    num_samples: int = 4  # trials (times the grid's size when the space has grid entries)
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs hold at once
+    search: str = "auto"  # auto (optuna if installed, else random) | random | optuna | hyperopt
+    seed: int = 0  # the search algorithm's seed: the same file samples the same trials
+    scheduler: str = "asha"  # asha (early stopping on val_loss) | fifo (run every trial out)
+    grace_period: int = 0  # steps before ASHA may stop a trial; 0 = train.eval_every
+    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
+    trial_memory_mb: int = 256  # reserved for each trial's driver (it holds no CPU)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"name: must be a plain folder name, got {self.name!r}")
+        for field in ("num_samples", "trial_memory_mb"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"{field}: must be >= 1, got {getattr(self, field)}")
+        for field in ("max_concurrent_trials", "grace_period"):
+            if getattr(self, field) < 0:
+                raise ConfigError(f"{field}: must be >= 0, got {getattr(self, field)}")
+        if self.search not in SEARCH_ALGORITHMS:
+            raise ConfigError(f"search: {self.search!r} (allowed: {', '.join(SEARCH_ALGORITHMS)})")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler: {self.scheduler!r} (allowed: {', '.join(SCHEDULERS)})")
+        if not self.reduction_factor > 1:
+            raise ConfigError(f"reduction_factor: must be > 1, got {self.reduction_factor}")
+
+
+@dataclasses.dataclass
+class GateConfig:
+    """The readiness gate applied to the sweep's best checkpoint."""
+
+    max_loss: float | None = None  # None: report the best trial, gate nothing
+    data: list[str] | None = None  # default: the recipe's dataset (its val split)
+
+    def __post_init__(self) -> None:
+        if self.max_loss is not None and not (self.max_loss > 0 and math.isfinite(self.max_loss)):
+            raise ConfigError(f"max_loss: must be a positive number of nats, got {self.max_loss}")
+
+
+@dataclasses.dataclass
+class TuneSpec:
+    """A whole sweep file, resolved: the base recipe mapping, the space and the settings."""
+
+    recipe: dict[str, Any]
+    space: list[Distribution]
+    sweep: SweepConfig
+    gate: GateConfig
+
+    def fingerprint(self) -> str:
+        """What a restored sweep must match: the trials' recipe and the search."""
+        body = {
+            "recipe": self.recipe,
+            "space": [dataclasses.asdict(d) for d in self.space],
+            "sweep": {
+                k: v
+                for k, v in dataclasses.asdict(self.sweep).items()
+                if k not in ("max_concurrent_trials", "trial_memory_mb")
+            },
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+SECTIONS = ("recipe", "overrides", "space", "sweep", "gate")
+
+
+def _set_dotted(recipe: dict[str, Any], key: str, value: Any) -> None:
+    section, _, field = key.partition(".")
+    recipe.setdefault(section, {})
+    recipe[section] = {**recipe[section], field: value}
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
+    """Read a sweep file; ``overrides`` are ``key=value`` strings: ``sweep.*``/``gate.*`` set
+    those sections, ``space.section.key=<distribution>`` a searched value, anything else
+    (``train.max_steps=20``) a fixed recipe value for every trial."""
+    import yaml
+
+    p = Path(path)
+    data = load_yaml(p)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{p}: unknown section {unknown[0]!r} (allowed: {', '.join(SECTIONS)})")
+    for section in ("overrides", "space", "sweep", "gate"):
+        if data.get(section) is None:
+            data[section] = {}
+        if not isinstance(data[section], Mapping):
+            raise ConfigError(f"{p}: {section}: expected a mapping, got {data[section]!r}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. sweep.num_samples=8)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        head, _, rest = key.partition(".")
+        if head in ("sweep", "gate"):
+            data[head] = {**data[head], rest: value}
+        elif head == "space":
+            data["space"] = {**data["space"], rest: value}
+        else:
+            data["overrides"] = {**data["overrides"], key: value}
+
+    base = data.get("recipe")
+    if base is None:
+        raise ConfigError(f"{p}: recipe: name the training recipe the trials start from")
+    if isinstance(base, str):
+        recipe_path = Path(base)
+        if not recipe_path.is_absolute():
+            recipe_path = p.parent / recipe_path
+        recipe = load_yaml(recipe_path)
+    elif isinstance(base, Mapping):
+        recipe = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    else:
+        raise ConfigError(f"{p}: recipe: expected a file name or a mapping, got {base!r}")
+    for key, value in data["overrides"].items():
+        if "." not in str(key):
+            raise ConfigError(f"overrides.{key}: expected section.key (e.g. train.max_steps)")
+        _set_dotted(recipe, str(key), value)
+    # The recipe on its own must be valid before anything is searched.
+    Recipe.from_dict(recipe)
+
+    sweep = from_mapping(SweepConfig, data["sweep"], prefix="sweep.")
+    gate = from_mapping(GateConfig, data["gate"], prefix="gate.")
+    space = [_parse_key(str(k), v) for k, v in data["space"].items()]
+    if not space:
+        raise ConfigError(
+            f"{p}: space: empty search space (add e.g. train.lr: {{loguniform: [1.0e-4, 3.0e-3]}})"
+        )
+    spec = TuneSpec(recipe, space, sweep, gate)
+    check_space(spec)
+    return spec
+
+
+def _parse_key(key: str, value: Any) -> Distribution:
+    section, _, field = key.partition(".")
+    if section == "job":
+        raise ConfigError(
+            f"space.{key}: job settings decide where a trial runs, not how it learns; set them "
+            "in the recipe or overrides (searchable sections: model, train)"
+        )
+    if section not in SEARCHABLE or not field:
+        raise ConfigError(f"space.{key}: unknown hyperparameter (expected model.KEY or train.KEY)")
+    allowed = sorted(f.name for f in dataclasses.fields(SEARCHABLE[section]))
+    if field not in allowed:
+        raise ConfigError(
+            f"space.{key}: unknown hyperparameter {field!r} in {section} "
+            f"(allowed: {', '.join(allowed)})"
+        )
+    if section == "train" and field in ("data_dir", "init_from", "max_steps"):
+        raise ConfigError(
+            f"space.{key}: fixed for the whole sweep (trials must share data, start and "
+            "length for ASHA to compare them); set it in overrides"
+        )
+    return Distribution.parse(key, value)
+
+
+def trial_recipe(base: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    recipe = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for key, value in values.items():
+        _set_dotted(recipe, key, value)
+    return recipe
+
+
+def check_space(spec: TuneSpec) -> None:
+    """Every value the search can produce must make a valid recipe: each listed value and
+    range end alone, then the combinations of the listed values (up to a bound)."""
+    for d in spec.space:
+        for v in d.probe_values():
+            try:
+                Recipe.from_dict(trial_recipe(spec.recipe, {d.key: v}))
+            except ConfigError as e:
+                raise ConfigError(
+                    f"space.{d.key}: value {v!r} makes an invalid recipe: {e}"
+                ) from None
+    grids = [[(d.key, v) for v in d.probe_values()] for d in spec.space]
+    for i, combo in enumerate(itertools.product(*grids)):
+        if i >= MAX_COMBINATIONS_CHECKED:
+            break
+        try:
+            recipe = Recipe.from_dict(trial_recipe(spec.recipe, dict(combo)))
+            recipe.train.grad_accum_steps(recipe.job.num_workers)
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in combo)
+            raise ConfigError(
+                f"space: the combination {shown} makes an invalid recipe: {e}"
+            ) from None
+    if spec.sweep.search == "optuna" or spec.sweep.search == "hyperopt":
+        grid = [d.key for d in spec.space if d.kind == "grid"]
+        if grid:
+            raise ConfigError(
+                f"space.{grid[0]}: grid is not supported by search {spec.sweep.search!r} "
+                "(use choice, or search: random)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+def trial_resources(recipe: Recipe) -> dict[str, float]:
+    job = recipe.job
+    need = {"CPU": job.num_workers * job.cpus_per_worker}
+    if job.use_gpu:
+        need["GPU"] = float(job.num_workers)
+    return need
+
+
+def plan_concurrency(spec: TuneSpec, cluster: Mapping[str, float], trials: int) -> int:
+    """How many trials run at once: what the cluster holds (never more, or a trial's worker
+    group would wait for CPUs another trial holds), at most ``max_concurrent_trials``."""
+    recipe = Recipe.from_dict(spec.recipe)
+    need = trial_resources(recipe)
+    if os.environ.get("MEDGPT_ALLOW_AUTOSCALE") and spec.sweep.max_concurrent_trials:
+        # An autoscaling cluster may start with no GPU node at all: trust the stated limit.
+        return min(trials, spec.sweep.max_concurrent_trials)
+    fits = []
+    for res, amount in need.items():
+        have = float(cluster.get(res, 0.0))
+        if amount > have and not os.environ.get("MEDGPT_ALLOW_AUTOSCALE"):
+            raise ConfigError(
+                f"a trial needs {amount:g} {res} (job.num_workers {recipe.job.num_workers} x "
+                f"{'1 GPU' if res == 'GPU' else f'{recipe.job.cpus_per_worker:g} CPU'}) but the "
+                f"cluster has {have:g}; lower job.num_workers or job.cpus_per_worker in the "
+                "recipe or overrides"
+            )
+        fits.append(int(have // amount) if amount > 0 else trials)
+    n = max(1, min([trials, *fits]))
+    if spec.sweep.max_concurrent_trials:
+        n = min(n, spec.sweep.max_concurrent_trials)
+    return n
+
+
+def count_trials(spec: TuneSpec) -> int:
+    grid = math.prod(len(d.args) for d in spec.space if d.kind == "grid")
+    return spec.sweep.num_samples * grid
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial
+
+
+def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: the training run ``<sweep>-<trial id>`` with the sampled values."""
+    import ray.tune
+
+    from medgpt import tracking
+    from medgpt.launch import fit_and_record, validate
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    values = {k: config[k] for k in ctx["keys"]}
+    data = trial_recipe(ctx["recipe"], values)
+    data["job"] = {**data["job"], "name": f"{ctx['sweep']}-{trial_id}",
+                   "storage_path": ctx["trials_dir"]}  # fmt: skip
+    recipe = Recipe.from_dict(data)
+    manifest = validate(recipe)
+    run_id, _ = tracking.start_or_resume_run(
+        ctx["uri"],
+        recipe.job.experiment,
+        recipe.job.name,
+        recipe.to_dict(),
+        {
+            "mlflow.parentRunId": ctx["parent_run_id"],
+            "medgpt.sweep": ctx["sweep"],
+            "medgpt.trial_id": trial_id,
+            "medgpt.hparams": json.dumps(values, sort_keys=True),
+            "data_manifest_hash": manifest["content_hash"],
+            "mlflow.source.name": "medgpt tune",
+        },
+    )
+    fit_and_record(recipe, ctx["uri"], run_id, manifest, callbacks=[_eval_reports()])
+
+
+def _eval_reports() -> Any:
+    """A TuneReportCallback that passes on only the reports carrying val_loss (built here:
+    ray.tune is imported only when a sweep runs)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvalReports(TuneReportCallback):
+        """Pass Tune only the reports that carry val_loss: Tune errors the trial on a result
+        without its metric, and the steps between evaluations decide nothing (the MLflow child
+        run keeps every step)."""
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+            if metrics and "val_loss" in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EvalReports()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def _search_algorithm(
+    sweep: SweepConfig, space: list[Distribution], concurrency: int
+) -> tuple[Any, str]:
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    wanted = sweep.search
+    has_grid = any(d.kind == "grid" for d in space)
+    if wanted == "auto":
+        wanted = "random"
+        if not has_grid:
+            try:
+                import optuna  # noqa: F401
+
+                wanted = "optuna"
+            except ImportError:
+                pass
+    # Tune ignores TuneConfig.max_concurrent_trials (with only a warning) when search_alg is
+    # a BasicVariantGenerator, and every trial starts at once: the limit goes in here.
+    if wanted == "random":
+        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency), wanted
+    try:
+        if wanted == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher: Any = OptunaSearch(seed=sweep.seed)
+        else:
+            from ray.tune.search.hyperopt import HyperOptSearch
+
+            searcher = HyperOptSearch(random_state_seed=sweep.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent=concurrency), wanted
+    except (ImportError, AssertionError):
+        raise ConfigError(
+            f"sweep.search: {wanted!r} needs the {wanted} package (pip install {wanted}); "
+            "or use search: random"
+        ) from None
+
+
+def _connect(recipe: Recipe) -> None:
+    """Join RAY_ADDRESS or start a local Ray, with the dashboard: when ASHA stops a trial, its
+    worker group's placement group is freed through the State API, which the dashboard serves;
+    without it the group leaks and later trials wait forever (FIELD-NOTES)."""
+    import ray
+
+    from medgpt.launch import connect_ray
+
+    if ray.is_initialized():
+        return
+    api = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if api and os.environ.get("RAY_ADDRESS"):
+        # Trials and the detached placement-group cleaner inherit the job's environment.
+        ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            log_to_driver=True,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}},
+        )
+        return
+    connect_ray(recipe)
+
+
+def _asha(max_steps: int, grace_period: int, reduction_factor: float) -> Any:
+    """ASHA on training steps, which never stops a trial at its last step: a stop kills the
+    trial function at once, before it closes its MLflow run and writes its result, and at the
+    last step there is nothing left to save anyway."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class FinishingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            if result.get("step", 0) >= max_steps:
+                return TrialScheduler.CONTINUE
+            return action
+
+    return FinishingASHA(
+        time_attr="step",  # the default counts reports, which depend on log_every
+        max_t=max_steps,
+        grace_period=min(max_steps, grace_period),
+        reduction_factor=reduction_factor,
+    )
+
+
+def _entries(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> dict[str, Any]:
+    """Run (or resume) the sweep; gate its best checkpoint; return the summary."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from medgpt import tracking
+    from medgpt.launch import resolve_paths, validate
+
+    if register and spec.gate.max_loss is None:
+        raise ConfigError("--register needs a gate: set gate.max_loss (or --max-loss)")
+    base = resolve_paths(Recipe.from_dict(spec.recipe))
+    spec = dataclasses.replace(spec, recipe=base.to_dict())
+    manifest = validate(base)
+    job, sweep = base.job, spec.sweep
+    if "://" in job.storage_path:
+        raise ConfigError(
+            "job.storage_path: sweeps keep their Tune state in a local or shared folder "
+            f"(got {job.storage_path!r}); mount the bucket (e.g. NFS) and give its path"
+        )
+    sweep_dir = Path(job.storage_path) / sweep.name
+    trials_dir = sweep_dir / "trials"
+    _search_algorithm(sweep, spec.space, 1)  # a missing package fails before Ray starts
+    fingerprint = spec.fingerprint()
+    restoring = tune.Tuner.can_restore(str(sweep_dir))
+    spec_file = sweep_dir / SPEC_FILE
+    if restoring and spec_file.is_file():
+        before = json.loads(spec_file.read_text()).get("fingerprint")
+        if before != fingerprint:
+            raise ConfigError(
+                f"sweep {sweep.name!r} in {sweep_dir} was started with a different recipe, "
+                "space or search; give another sweep.name (or remove that folder)"
+            )
+    elif not restoring and any(p.name != SPEC_FILE for p in _entries(sweep_dir)):
+        raise ConfigError(
+            f"{sweep_dir}: exists but holds no sweep to resume; give another sweep.name"
+        )
+
+    _connect(base)
+    trials = count_trials(spec)
+    concurrency = plan_concurrency(spec, ray.cluster_resources(), trials)
+    search_alg, search_name = _search_algorithm(sweep, spec.space, concurrency)
+    uri = tracking.tracking_uri_for(job.storage_path, job.mlflow_tracking_uri)
+    parent_params = {
+        "sweep": {k: v for k, v in dataclasses.asdict(sweep).items()},
+        "space": {d.key: {d.kind: d.args} for d in spec.space},
+        "gate": dataclasses.asdict(spec.gate),
+        "search_algorithm": search_name,
+        "trials": trials,
+        "concurrency": concurrency,
+    }
+    parent_id, _ = tracking.start_or_resume_run(
+        uri, job.experiment, sweep.name, parent_params,
+        {"medgpt.kind": "sweep", "data_manifest_hash": manifest["content_hash"],
+         "mlflow.source.name": "medgpt tune"},
+    )  # fmt: skip
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps({"fingerprint": fingerprint, "space": parent_params}, indent=2))
+    log(
+        f"medgpt tune: sweep {sweep.name!r} ({'resuming' if restoring else 'new'}): {trials} "
+        f"trials, {concurrency} at a time, {job.num_workers} worker(s) each, search "
+        f"{search_name}, scheduler {sweep.scheduler}; MLflow parent run {parent_id} at {uri}"
+    )
+
+    ctx = {
+        "recipe": spec.recipe,
+        "keys": [d.key for d in spec.space],
+        "sweep": sweep.name,
+        "trials_dir": str(trials_dir),
+        "uri": uri,
+        "parent_run_id": parent_id,
+    }
+    # The trial function only waits on its Train run: it holds memory, not a CPU, so a trial
+    # of N one-CPU workers fits N CPUs (Tune's default of one CPU per trial would not).
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": sweep.trial_memory_mb * 2**20}
+    )
+    max_steps = base.train.max_steps
+    scheduler = (
+        _asha(max_steps, sweep.grace_period or base.train.eval_every, sweep.reduction_factor)
+        if sweep.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    if restoring:
+        tuner = tune.Tuner.restore(
+            str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={d.key: d.to_tune() for d in spec.space},
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=sweep.num_samples,
+                scheduler=scheduler,
+                search_alg=search_alg,
+            ),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage_path, verbose=1),
+        )
+    started = time.time()
+    grid = tuner.fit()
+    summary = summarize(grid, spec, trials_dir, uri, parent_id, max_steps)
+    summary["seconds"] = round(time.time() - started, 1)
+    summary["sweep_dir"] = str(sweep_dir)
+    record_parent(uri, parent_id, summary)
+
+    summary["gate"] = None
+    if spec.gate.max_loss is not None:
+        from medgpt.evaluation import EvalConfig, GateRequest, run_gate
+
+        report = run_gate(
+            GateRequest(
+                checkpoint=summary["best"]["checkpoint"],
+                data=spec.gate.data or [base.train.data_dir],
+                max_loss=spec.gate.max_loss,
+                register=register,
+                storage_path=job.storage_path,
+                tracking_uri=job.mlflow_tracking_uri,
+                eval=EvalConfig(samples=False),
+            ),
+            progress=False,
+            log=log,
+        )
+        summary["gate"] = report["gate"]
+        summary["registered"] = report.get("registered")
+        summary["report"] = report
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        client.set_tag(parent_id, "gate", "PASS" if report["gate"]["passed"] else "FAIL")
+        client.log_metric(parent_id, "gate_eval_loss", report["gate"]["loss"])
+        if report.get("registered"):
+            client.set_tag(parent_id, "registered", report["registered"]["model_uri"])
+    (sweep_dir / RESULT_FILE).write_text(
+        json.dumps({k: v for k, v in summary.items() if k != "report"}, indent=2, default=str)
+    )
+    return summary
+
+
+def summarize(
+    grid: Any, spec: TuneSpec, trials_dir: Path, uri: str, parent_id: str, max_steps: int
+) -> dict[str, Any]:
+    """One row per trial (status, values, best val_loss and checkpoint); mark the MLflow runs of
+    stopped trials (killed mid-fit, they never closed their own); pick the best checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    from medgpt.checkpoint import best_in_run, read_meta
+    from medgpt.errors import CheckpointError
+
+    client = MlflowClient(tracking_uri=uri)
+    children = {
+        r.data.tags.get("medgpt.trial_id"): r
+        for r in client.search_runs(
+            [client.get_run(parent_id).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+            max_results=1000,
+        )
+    }
+    rows: list[dict[str, Any]] = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        history = result.metrics_dataframe
+        curve: list[tuple[int, float]] = []
+        if history is not None and "val_loss" in history:
+            ev = history.dropna(subset=["val_loss"])
+            curve = [(int(s), float(v)) for s, v in zip(ev["step"], ev["val_loss"], strict=True)]
+        step = metrics.get("step")
+        if result.error is not None:
+            status = "error"
+        elif step is not None and step < max_steps:
+            status = "stopped early"
+        elif step is None:
+            status = "no result"
+        else:
+            status = "completed"
+        run = children.get(trial_id)
+        best_path, best_val = None, None
+        if run is not None:
+            run_dir = trials_dir / run.data.tags.get("medgpt.run_name", "")
+            try:
+                best = best_in_run(run_dir)
+                best_path, best_val = str(best), read_meta(best).get("val_loss")
+            except (CheckpointError, OSError):
+                pass
+            if run.info.status == "RUNNING":  # its trial was killed before it could close it
+                ended = {"completed": "FINISHED", "error": "FAILED"}.get(status, "KILLED")
+                client.set_terminated(run.info.run_id, ended)
+            client.set_tag(run.info.run_id, "medgpt.trial_status", status)
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "values": {d.key: (result.config or {}).get(d.key) for d in spec.space},
+                "last_step": step,
+                "val_loss_curve": curve,
+                "best_val_loss": best_val,
+                "best_checkpoint": best_path,
+                "mlflow_run_id": run.info.run_id if run is not None else None,
+                "error": str(result.error).strip().splitlines()[-1] if result.error else None,
+            }
+        )
+    rows.sort(key=lambda r: r["trial_id"])
+    scored = [r for r in rows if isinstance(r["best_val_loss"], (int, float))]
+    if not scored:
+        errors = [r["error"] for r in rows if r["error"]]
+        raise SweepError(
+            f"sweep {spec.sweep.name!r}: none of its {len(rows)} trials produced a checkpoint"
+            + (f"; first error: {errors[0]}" if errors else "")
+        )
+    best = min(scored, key=lambda r: r["best_val_loss"])
+    return {
+        "name": spec.sweep.name,
+        "mlflow_parent_run_id": parent_id,
+        "mlflow_tracking_uri": uri,
+        "trials": rows,
+        "best": {
+            "trial_id": best["trial_id"],
+            "values": best["values"],
+            "val_loss": best["best_val_loss"],
+            "checkpoint": best["best_checkpoint"],
+            "mlflow_run_id": best["mlflow_run_id"],
+        },
+        "counts": {
+            s: sum(r["status"] == s for r in rows)
+            for s in ("completed", "stopped early", "error", "no result")
+        },
+    }
+
+
+def curves_png(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for r in rows:
+        if r["val_loss_curve"]:
+            steps, vals = zip(*r["val_loss_curve"], strict=True)
+            style = "o-" if r["status"] == "completed" else "x--"
+            ax.plot(steps, vals, style, ms=4, label=f"{r['trial_id']} ({r['status']})")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("val_loss (nats/token)")
+    ax.set_title("val_loss per trial")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def trial_table(rows: list[dict[str, Any]]) -> str:
+    keys = sorted({k for r in rows for k in r["values"]})
+    head = ["trial", "status", "last step", "best val_loss", *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        v = r["best_val_loss"]
+        cells = [r["trial_id"], r["status"], str(r["last_step"]),
+                 f"{v:.4f}" if isinstance(v, (int, float)) else "-",
+                 *(_fmt_value(r["values"].get(k)) for k in keys)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def record_parent(uri: str, parent_id: str, summary: dict[str, Any]) -> None:
+    """The sweep's table of trials, the val_loss curves and the best trial, on the parent run."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    rows = summary["trials"]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        (t / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+        (t / "trials.md").write_text(trial_table(rows))
+        client.log_artifact(parent_id, str(t / "trials.json"))
+        client.log_artifact(parent_id, str(t / "trials.md"))
+        png = curves_png(rows, t / "val_loss_curves.png")
+        if png is not None:
+            client.log_artifact(parent_id, str(png))
+    best = summary["best"]
+    client.log_metric(parent_id, "best_val_loss", float(best["val_loss"]))
+    for status, n in summary["counts"].items():
+        client.log_metric(parent_id, f"trials_{status.replace(' ', '_')}", n)
+    client.set_tag(parent_id, "best_trial_id", best["trial_id"])
+    client.set_tag(parent_id, "best_checkpoint", str(best["checkpoint"]))
+    client.set_tag(parent_id, "best_run_id", str(best["mlflow_run_id"]))
+    client.set_terminated(parent_id, "FINISHED")
