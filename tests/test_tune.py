@@ -267,3 +267,27 @@ def test_asha_sweep_records_gates_and_resumes(ray_cluster, icd_data, tmp_path, c
     other = load_spec(path, ["space.train.lr={grid: [1e-3, 1e-4]}"])
     with pytest.raises(ConfigError, match="started with a different recipe, space or search"):
         run_sweep(other)
+
+
+def test_search_algorithms(tmp_path) -> None:
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from medgpt.tuning import _search_algorithm
+
+    path = _sweep_file(tmp_path, tmp_path / "data", tmp_path / "runs")
+    spec = load_spec(path)  # a grid: auto means random
+    alg, name = _search_algorithm(spec.sweep, spec.space, 2)
+    assert name == "random" and isinstance(alg, BasicVariantGenerator)
+    assert alg.max_concurrent == 2  # Tune would ignore TuneConfig's limit with this alg
+    spec = load_spec(path, ["space.train.lr={loguniform: [1.0e-4, 1.0e-2]}"])
+    pytest.importorskip("optuna")
+    alg, name = _search_algorithm(spec.sweep, spec.space, 3)
+    assert name == "optuna" and isinstance(alg, ConcurrencyLimiter) and alg.max_concurrent == 3
+    try:
+        import hyperopt  # noqa: F401
+    except ImportError:
+        spec = load_spec(path, ["space.train.lr={loguniform: [1.0e-4, 1.0e-2]}",
+                                "sweep.search=hyperopt"])  # fmt: skip
+        with pytest.raises(ConfigError, match="needs the hyperopt package"):
+            _search_algorithm(spec.sweep, spec.space, 1)
