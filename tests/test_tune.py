@@ -276,11 +276,11 @@ def test_search_algorithms(tmp_path) -> None:
     from medgpt.tuning import _search_algorithm
 
     path = _sweep_file(tmp_path, tmp_path / "data", tmp_path / "runs")
-    spec = load_spec(path)  # a grid: auto means random
+    spec = load_spec(path, ["sweep.search=auto"])  # a grid: auto means random
     alg, name = _search_algorithm(spec.sweep, spec.space, 2)
     assert name == "random" and isinstance(alg, BasicVariantGenerator)
     assert alg.max_concurrent == 2  # Tune would ignore TuneConfig's limit with this alg
-    spec = load_spec(path, ["space.train.lr={loguniform: [1.0e-4, 1.0e-2]}"])
+    spec = load_spec(path, ["space.train.lr={loguniform: [1.0e-4, 1.0e-2]}", "sweep.search=auto"])
     pytest.importorskip("optuna")
     alg, name = _search_algorithm(spec.sweep, spec.space, 3)
     assert name == "optuna" and isinstance(alg, ConcurrencyLimiter) and alg.max_concurrent == 3
