@@ -205,9 +205,11 @@ def _serve_until_interrupted(
     from ray import serve
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # SIGTERM too: Ray's core aborts on its default handling
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # Ray Train's fit left its own SIGINT handler installed (it aborts a training run, which
+    # is over), and on SIGTERM Ray's core aborts without cleaning up: both stop us here.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     web = None
     try:
         config = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
@@ -243,7 +245,8 @@ def _serve_until_interrupted(
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         print("stopped", flush=True)
 
 

@@ -292,6 +292,7 @@ def test_corrupt_checkpoint_on_resume_names_the_file(ray_cluster, icd_data, stor
         train(Recipe.from_dict(recipe))
 
 
+@pytest.mark.slow
 def test_quickstart_prepares_trains_gates_and_serves(ray_cluster, tmp_path, capsys) -> None:
     """The README's main job, shortened: prepare, train on Ray, gate, register the champion;
     a rerun reuses all of it; then the whole command with serving, stopped by Ctrl-C."""
