@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (each creates .venv and installs on first use):
-#   make quickstart   the main job on the embedded defaults
+#   make quickstart   the main job on the embedded defaults, ending with the champion served
 #   make test         ruff + the whole test suite, slow end-to-end cases included (what CI runs)
 # and after the quickstart, `make demo`: the champion on Ray Serve + the prompt page.
 

@@ -255,6 +255,9 @@ class TrainConfig:
         return self.batch_tokens // per_micro
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
+
+
 @dataclasses.dataclass
 class JobConfig:
     """Where and how a training run executes: Ray scaling, storage, fault tolerance, MLflow."""
@@ -270,6 +273,10 @@ class JobConfig:
     mlflow_tracking_uri: str | None = None
     experiment: str = "medgpt"
     start_timeout_s: float = 120.0  # fail, rather than wait forever, when workers cannot start
+    # How Ray places the workers: PACK (fewest nodes), SPREAD (across nodes when it can),
+    # STRICT_SPREAD (one per node, or not at all: a lost node then cannot be replaced by a
+    # node already in use).
+    placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
         _require(
@@ -283,6 +290,11 @@ class JobConfig:
         _require(self.max_failures >= -1, f"max_failures: must be >= -1, got {self.max_failures}")
         _require(
             self.start_timeout_s > 0, f"start_timeout_s: must be > 0, got {self.start_timeout_s}"
+        )
+        _require(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            f"placement_strategy: {self.placement_strategy!r} "
+            f"(allowed: {', '.join(PLACEMENT_STRATEGIES)})",
         )
 
 

@@ -55,22 +55,46 @@ def validate(recipe: Recipe) -> dict[str, Any]:
     return manifest
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def connect_ray(recipe: Recipe) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start one here."""
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start one here.
+
+    Ray Train frees the placement group of a run whose controller died (a stopped Tune trial,
+    a killed driver) from a detached actor that finds the State API through
+    RAY_API_SERVER_ADDRESS, else by auto-detecting the cluster, which fails when a second Ray
+    runs on the same host: the group then leaks and later runs wait for its CPUs for ever. So
+    the job's workers are told the address: the dashboard port of a cluster started here is
+    chosen up front."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {
-        # Fail instead of waiting forever when the worker group cannot be placed.
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(recipe.job.start_timeout_s),
-    }
+    api = os.environ.get("RAY_API_SERVER_ADDRESS")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        for k, v in env.items():
-            os.environ.setdefault(k, v)  # inherited by the local raylet and its workers
-        ray.init(include_dashboard=True, log_to_driver=True)
+        ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            log_to_driver=True,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None,
+        )
+        return
+    # Fail instead of waiting forever when the worker group cannot be placed.
+    os.environ.setdefault(  # inherited by the local raylet and its workers
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(recipe.job.start_timeout_s)
+    )
+    port = _free_port()
+    ray.init(
+        include_dashboard=True,
+        dashboard_port=port,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
 
 
 def check_capacity(recipe: Recipe) -> None:
@@ -89,6 +113,20 @@ def check_capacity(recipe: Recipe) -> None:
                 f"job.num_workers: {job.num_workers} workers need {amount:g} {res} but the "
                 f"cluster has {have:g}; lower job.num_workers/cpus_per_worker (or set "
                 "MEDGPT_ALLOW_AUTOSCALE=1 on an autoscaling cluster to wait for nodes)"
+            )
+    if job.placement_strategy == "STRICT_SPREAD" and not os.environ.get("MEDGPT_ALLOW_AUTOSCALE"):
+        fit = [
+            n
+            for n in ray.nodes()
+            if n.get("Alive")
+            and n["Resources"].get("CPU", 0) >= job.cpus_per_worker
+            and (not job.use_gpu or n["Resources"].get("GPU", 0) >= 1)
+        ]
+        if len(fit) < job.num_workers:
+            raise ConfigError(
+                f"job.placement_strategy: STRICT_SPREAD puts each of the {job.num_workers} "
+                f"workers on its own node, but {len(fit)} node(s) can hold one; use SPREAD or "
+                "PACK, or fewer workers"
             )
 
 
@@ -126,6 +164,7 @@ def make_trainer(recipe: Recipe, uri: str, run_id: str, callbacks: list[Any] | N
                 "CPU": job.cpus_per_worker,
                 **({"GPU": 1} if job.use_gpu else {}),
             },
+            placement_strategy=job.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=job.name,

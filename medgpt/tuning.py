@@ -449,23 +449,11 @@ def _search_algorithm(
 
 def _connect(recipe: Recipe) -> None:
     """Join RAY_ADDRESS or start a local Ray, with the dashboard: when ASHA stops a trial, its
-    worker group's placement group is freed through the State API, which the dashboard serves;
-    without it the group leaks and later trials wait forever (FIELD-NOTES)."""
-    import ray
-
+    worker group's placement group is freed through the State API, which the dashboard serves
+    (connect_ray tells the workers where it is); without it the group leaks and later trials
+    wait forever (FIELD-NOTES)."""
     from medgpt.launch import connect_ray
 
-    if ray.is_initialized():
-        return
-    api = os.environ.get("RAY_API_SERVER_ADDRESS")
-    if api and os.environ.get("RAY_ADDRESS"):
-        # Trials and the detached placement-group cleaner inherit the job's environment.
-        ray.init(
-            address=os.environ["RAY_ADDRESS"],
-            log_to_driver=True,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}},
-        )
-        return
     connect_ray(recipe)
 
 

@@ -40,13 +40,17 @@ def _free_port() -> int:
 # Ray caches its auth mode when it is first imported: a test that imports ray before the
 # cluster fixture runs would fix it at "disabled" for the whole session, and every later
 # connection would fail. So the token settings are exported as soon as pytest loads this file.
-_AUTH_ENV = {**RAY_TEST_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+# Test modules import this file both as `conftest` and as `tests.conftest`, which runs it
+# twice: the token lives in the environment so that both copies export the same one.
+_TOKEN = os.environ.setdefault("MEDGPT_TEST_RAY_AUTH_TOKEN", secrets.token_hex(32))
+_AUTH_ENV = {**RAY_TEST_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN}
 os.environ.update(_AUTH_ENV)
 
 
-def _stop_test_clusters(grace_s: float = 10.0) -> None:
+def _stop_test_clusters(grace_s: float = 10.0, marker: bytes = b"/tmp/rmt-") -> None:
     """SIGTERM, then SIGKILL, every process whose command line names a test cluster's temp dir
-    (/tmp/rmt-*); Ray's workers, raylet, GCS and dashboard all carry it."""
+    (/tmp/rmt-*, or one node's own ``marker``); Ray's workers, raylet, GCS and dashboard all
+    carry it."""
     import signal
 
     def ours() -> list[int]:
@@ -60,7 +64,7 @@ def _stop_test_clusters(grace_s: float = 10.0) -> None:
             except OSError:
                 continue
             parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            if b"/tmp/rmt-" in cmd:
+            if marker in cmd:
                 marked.add(int(entry.name))
         # Ray retitles its workers (the marker leaves their command line): take descendants.
         changed = True

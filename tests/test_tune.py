@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import tiny_recipe
 
 from medgpt.cli import main
 from medgpt.errors import ConfigError
 from medgpt.tuning import count_trials, load_spec, plan_concurrency, run_sweep
+from tests.conftest import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
