@@ -27,10 +27,13 @@ Unless ``--url`` is given, the benchmark serves a model itself: a random-init ch
 ``--size`` (``torch.manual_seed(0)``; decode speed does not depend on what the weights learned)
 or ``--checkpoint``, on a PRIVATE local Ray (``ray.init(address="local", num_cpus=2)``: it never
 joins another cluster running on this machine), Serve's HTTP proxy on a free port of 127.0.0.1,
-one ``MedgptServer`` replica (``max_batch_size`` 16, 2 CPUs, 2 torch threads). The replica's
-peak resident memory (``VmHWM`` of its process, found through the actor table) is reported
-against the 1.5 GB requirement. The client runs on the same machine as the server and takes
-some of the same CPUs, as a local user's would.
+one ``MedgptServer`` replica (``max_batch_size`` 16, ``kv_cache_tokens`` as ServeConfig's
+default unless ``--kv-cache-tokens``, 2 CPUs, 2 torch threads). The replica's peak resident
+memory (``VmHWM`` of its process, found through the actor table) is reported against the
+1.5 GB requirement: at start-up, then reset (``/proc/PID/clear_refs``) and read again after
+each level, so the peak while serving shows apart from the checkpoint load's; with the
+engine's KV cache figures from ``/healthz``. The client runs on the same machine as the
+server and takes some of the same CPUs, as a local user's would.
 
     python bench/serve_http.py --size tiny --max-tokens 16 --concurrency 1,4   # smoke, ~1 min
     python bench/serve_http.py                                 # gpt2 124M fp32, ~5 minutes
@@ -356,12 +359,23 @@ def proc_memory(pid: int) -> dict[str, Any]:
     return out
 
 
+def reset_peak(pid: int) -> bool:
+    """Restart the process's VmHWM from its current RSS (Linux ``clear_refs`` 5), so that a
+    later reading is the peak while serving, not the checkpoint load's at start-up."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def start_server(a: argparse.Namespace, tmp: Path) -> tuple[str, dict[str, Any]]:
     import ray
     import torch
     from ray import serve
 
-    from medgpt.serving import app_builder
+    from medgpt.serving import build_app
 
     if a.checkpoint:
         checkpoint, storage = a.checkpoint, a.storage_path
@@ -387,6 +401,7 @@ def start_server(a: argparse.Namespace, tmp: Path) -> tuple[str, dict[str, Any]]
         "checkpoint": checkpoint,
         "storage_path": storage,
         "max_batch_size": a.max_batch_size,
+        "kv_cache_tokens": a.kv_cache_tokens or None,
         "max_queue": 256,
         "max_tokens_cap": 512,
         "threads": a.num_cpus,
@@ -394,7 +409,7 @@ def start_server(a: argparse.Namespace, tmp: Path) -> tuple[str, dict[str, Any]]
     }
     deployment = {"max_ongoing_requests": 300, "ray_actor_options": {"num_cpus": a.num_cpus}}
     t0 = time.perf_counter()
-    serve.run(app_builder(args, deployment), name="bench", route_prefix="/")
+    serve.run(build_app(args, deployment), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     wait_healthy(base, 300)
     info = {"what": what + (", int8" if a.int8 else ", fp32"), "app_args": args,
@@ -482,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests per level; 0 = max(8, 2 x concurrency)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch-size", type=int, default=16, help="the engine's batch rows")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="the engine's KV cache budget in token positions; 0 = no limit "
+                   "(default: ServeConfig's)")  # fmt: skip
     p.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs = the replica's CPUs/threads")
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="first wait up to this many seconds for 1-min load <= 1.0 and no "
@@ -494,8 +512,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--concurrency: comma-separated integers")
     if not levels or min(levels) < 1 or a.max_tokens < 1 or a.requests < 0:
         p.error("--concurrency levels and --max-tokens must be >= 1, --requests >= 0")
-    if a.url and (a.checkpoint or a.int8):
-        p.error("--url benchmarks a running server: --checkpoint/--int8 do not apply")
+    if a.url and (a.checkpoint or a.int8 or a.kv_cache_tokens is not None):
+        p.error("--url benchmarks a running server: --checkpoint/--int8/--kv-cache-tokens do "
+                "not apply")  # fmt: skip
+    if a.kv_cache_tokens is not None and a.kv_cache_tokens < 0:
+        p.error("--kv-cache-tokens: >= 0 (0 = no limit)")
+    if a.kv_cache_tokens is None and not a.url:
+        from medgpt.serving import ServeConfig
+
+        a.kv_cache_tokens = ServeConfig().kv_cache_tokens or 0
 
     import aiohttp
     import torch
@@ -536,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             server["replica_pid"], server["replica_pid_from"] = pid, how
             if pid is not None:
                 memory["after_start"] = proc_memory(pid)
+                server["peak_reset_after_start"] = reset_peak(pid)
         status, models = _http_get(base + "/v1/models")
         card = models["data"][0] if status == 200 and isinstance(models, dict) else {}
         context = card.get("context_length")
@@ -551,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {model_id!r}, context {context}; prompts {len(PROMPTS)} "
               f"({min(prompt_lens)}-{max(prompt_lens)} tokens), max_tokens {a.max_tokens}, "
               f"temperature {TEMPERATURE}, seed {SEED_BASE}+i per request, stream with usage; "
-              f"engine max_batch_size {a.max_batch_size}")  # fmt: skip
+              f"engine max_batch_size {a.max_batch_size}, kv_cache_tokens "
+              f"{'as configured' if a.url else a.kv_cache_tokens or 'unlimited'}")  # fmt: skip
         next_id = 1
         for c in levels:
             n = a.requests or max(8, 2 * c)
@@ -562,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
             print_level(s)
             if started and server.get("replica_pid") is not None:  # read now: Ray may die later
                 memory[f"after_concurrency_{c}"] = proc_memory(server["replica_pid"])
+            status, health = _http_get(base + "/healthz")
+            if status == 200 and isinstance(health, dict):
+                s["engine"] = {k: v for k, v in health.items() if k.startswith(("cache", "kv"))}
             if busy := pytest_pids():
                 s["pytest_during"] = busy
                 print(f"WARNING: pytest processes {busy} ran during this level")
@@ -593,16 +623,26 @@ def main(argv: list[str] | None = None) -> int:
     if readings:
         when, m = readings[-1]
         first = memory.get("after_start", {})
+        reset = server.get("peak_reset_after_start")
+        peak = max(m["VmHWM"], first.get("VmHWM", 0)) if reset else m["VmHWM"]
+        serving = (f", while serving {m['VmHWM'] / 1e6:,.0f} MB (VmHWM reset after start-up)"
+                   if reset else "")  # fmt: skip
         print(f"replica pid {m['pid']} ({m['title']}; found via "
-              f"{server['replica_pid_from']}): peak RSS (VmHWM) {m['VmHWM'] / 1e6:,.0f} MB "
-              f"= {m['VmHWM'] / 2**20:,.0f} MiB, RSS {when.replace('_', ' ')} "
+              f"{server['replica_pid_from']}): peak RSS (VmHWM) {peak / 1e6:,.0f} MB "
+              f"= {peak / 2**20:,.0f} MiB{serving}, RSS {when.replace('_', ' ')} "
               f"{m['VmRSS'] / 1e6:,.0f} MB "
               f"(after start-up: peak {first.get('VmHWM', 0) / 1e6:,.0f} MB, RSS "
               f"{first.get('VmRSS', 0) / 1e6:,.0f} MB); requirement < "
               f"{RSS_LIMIT_BYTES / 1e9:.1f} GB: "
-              f"{'met' if m['VmHWM'] < RSS_LIMIT_BYTES else 'NOT met'}")  # fmt: skip
+              f"{'met' if peak < RSS_LIMIT_BYTES else 'NOT met'}")  # fmt: skip
     elif started:
         print(f"replica peak RSS: unavailable ({server.get('replica_pid_from')}; {memory})")
+    engine = runs[-1].get("engine") if runs else None
+    if engine:
+        print(f"engine KV cache: budget {engine['kv_cache_tokens'] or 'unlimited'} positions, peak "
+              f"{engine['cache_peak_bytes'] / 1e6:,.1f} MB (resizes included), now "
+              f"{engine['cache_bytes'] / 1e6:,.1f} MB ({engine['cache_rows']} rows x "
+              f"{engine['cache_positions']} positions)")  # fmt: skip
     print(f"load average after: {_fmt_load(load_after)}; wall {wall:.0f} s")
 
     if a.json:

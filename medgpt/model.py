@@ -37,6 +37,10 @@ class KVCache:
     ``pos`` is the number of positions already cached; the model appends the new ones and
     advances it after the forward pass. One cache belongs to one batch of sequences that all
     have the same length.
+
+    ``k[i]`` and ``v[i]`` are layer ``i``'s tensors of shape (batch, n_head, max_len, head_dim).
+    One tensor per layer rather than one for the whole cache, so that :meth:`resize` can free
+    each old layer as soon as it has been copied instead of holding two full caches at once.
     """
 
     def __init__(
@@ -50,10 +54,19 @@ class KVCache:
         self.max_len = max_len or config.block_size
         if self.max_len > config.block_size:
             raise ValueError(f"max_len {self.max_len} exceeds block_size {config.block_size}")
-        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = config.block_size
+        shape = (batch_size, config.n_head, self.max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k, *self.v))
 
     def reset(self) -> None:
         self.pos = 0
@@ -62,14 +75,40 @@ class KVCache:
         """Row ``r`` as a one-sequence cache sharing this cache's memory: prefilling a new
         request through it writes straight into its slot of a running batch."""
         view = object.__new__(KVCache)
-        view.max_len, view.pos = self.max_len, 0
-        view.k, view.v = self.k[:, r : r + 1], self.v[:, r : r + 1]
+        view.max_len, view.pos, view.block_size = self.max_len, 0, self.block_size
+        view.k = [t[r : r + 1] for t in self.k]
+        view.v = [t[r : r + 1] for t in self.v]
         return view
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row ``src`` over row ``dst`` (keeps a batch's live rows contiguous)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        for t in (*self.k, *self.v):
+            t[dst] = t[src]
+
+    def resize(self, batch_size: int, max_len: int) -> int:
+        """Reallocate for ``batch_size`` rows of ``max_len`` positions, keeping the leading
+        rows and positions that still fit. Returns the most bytes the cache held at once while
+        resizing: the larger of the old and new caches plus one layer tensor of the other."""
+        if not 0 < max_len <= self.block_size:
+            raise ValueError(f"max_len {max_len} not in [1, block_size {self.block_size}]")
+        rows, keep = min(batch_size, self.batch_size), min(max_len, self.max_len)
+        held = peak = self.nbytes
+        for tensors in (self.k, self.v):
+            for i, old in enumerate(tensors):
+                new = old.new_empty((batch_size, old.shape[1], max_len, old.shape[3]))
+                held += new.nbytes
+                peak = max(peak, held)
+                new[:rows, :, :keep] = old[:rows, :, :keep]
+                # Zero what was not copied (written once, unlike zeros() then a copy): masked
+                # positions still enter attention's weighted sum, where garbage NaNs would
+                # survive a zero weight.
+                new[rows:] = 0
+                new[:rows, :, keep:] = 0
+                tensors[i] = new
+                held -= old.nbytes
+                del old
+        self.max_len = max_len
+        return peak
 
 
 class CausalSelfAttention(nn.Module):

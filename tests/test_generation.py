@@ -78,8 +78,13 @@ def _params(i: int) -> SamplingParams:
     return variants[i % len(variants)]
 
 
-def test_batched_equals_solo_and_requests_join_mid_batch(model) -> None:
-    solo = [Engine(model, 1).generate(p, _params(i)) for i, p in enumerate(PROMPTS)]
+@pytest.fixture(scope="module")
+def solo(model) -> list[dict]:
+    """Each of PROMPTS with _params(i), run alone on a one-row engine."""
+    return [Engine(model, 1).generate(p, _params(i)) for i, p in enumerate(PROMPTS)]
+
+
+def test_batched_equals_solo_and_requests_join_mid_batch(model, solo) -> None:
     engine = Engine(model, max_batch_size=3)  # fewer rows than requests: admission mid-run
     for i, p in enumerate(PROMPTS[:4]):
         engine.submit(f"r{i}", p, _params(i))
@@ -231,13 +236,131 @@ def test_complete_keeps_its_contract(model) -> None:
     assert complete(model, "Asthma", 10, seed=3) == complete(model, "Asthma", 10, seed=3)
 
 
-def test_the_cache_grows_without_changing_results(model) -> None:
+def test_the_cache_grows_without_changing_results(model, solo) -> None:
     # A cache that starts at 4 positions doubles as sequences grow; tokens are unchanged.
-    solo = [Engine(model, 1).generate(p, _params(i)) for i, p in enumerate(PROMPTS)]
     engine = Engine(model, max_batch_size=3, initial_cache_len=4)
     for i, p in enumerate(PROMPTS):
         engine.submit(f"r{i}", p, _params(i))
-    events = _drain(engine)
+    events, seen = _drain_watching(engine)
     for i in range(len(PROMPTS)):
         assert [t for e in events[f"r{i}"] for t in e.token_ids] == solo[i]["token_ids"], i
-    assert 4 < engine.cache.max_len <= 96
+    assert 4 < max(st["cache_positions"] for st in seen) <= 96
+    assert engine.stats()["cache_bytes"] == 0  # idle again: the memory is given back
+
+
+# Keys and values of one position, all layers, fp32: 2 x n_layer x n_embd x 4 bytes.
+BYTES_PER_POSITION = 2 * 2 * 32 * 4
+CONTEXT = 96
+
+
+def _drain_watching(engine: Engine) -> tuple[dict[str, list], list[dict]]:
+    """_drain, plus the engine's stats after every step."""
+    events: dict[str, list] = {}
+    seen = []
+    while engine.has_work:
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+        seen.append(engine.stats())
+    return events, seen
+
+
+def _tokens(events: list) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+def test_the_cache_has_rows_only_for_running_requests_and_shrinks(model) -> None:
+    long_p = SamplingParams(max_new_tokens=80, temperature=0.8, seed=1)
+    short_p = SamplingParams(max_new_tokens=20, temperature=0.8, seed=2)
+    solo_long = Engine(model, 1).generate("Asthma", long_p)
+    solo_short = Engine(model, 1).generate("Fever", short_p)
+    engine = Engine(model, max_batch_size=4, initial_cache_len=8)
+    assert engine.stats()["cache_bytes"] == 0  # nothing is allocated before a request arrives
+    engine.submit("long", "Asthma", long_p)
+    events: dict[str, list] = {}
+    seen = []
+    while "long" not in events or not events["long"][-1].finished:
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+        seen.append(engine.stats())
+        if len(events["long"]) == 70:  # near its end, a short request joins
+            engine.submit("short", "Fever", short_p)
+    # One row while the long request ran alone, and no more positions than it can reach
+    # (prompt 2 + 80 new tokens - 1), not max_batch_size rows.
+    assert seen[0]["cache_rows"] == 1
+    assert max(st["cache_positions"] for st in seen) == 2 + 80 - 1
+    assert max(st["cache_rows"] for st in seen) == 2
+    # The long request has left: the short one alone holds far fewer positions.
+    after = engine.step()
+    st = engine.stats()
+    assert st["running"] == 1 and st["cache_rows"] == 1
+    assert st["cache_positions"] <= 2 + 20 - 1
+    assert st["cache_bytes"] == st["cache_positions"] * BYTES_PER_POSITION
+    rest, _ = _drain_watching(engine)
+    assert _tokens(events["long"]) == solo_long["token_ids"]
+    short = events["short"] + [e for e in after if e.request_id == "short"] + rest["short"]
+    assert _tokens(short) == solo_short["token_ids"]
+    assert engine.stats()["cache_bytes"] == 0 and engine.stats()["cache_rows"] == 0
+
+
+def test_a_budget_makes_a_long_request_wait_and_both_finish_as_alone(model) -> None:
+    pa = SamplingParams(max_new_tokens=60, temperature=0.9, seed=11)
+    pb = SamplingParams(max_new_tokens=60, temperature=0.9, seed=12)
+    solo_a = Engine(model, 1).generate("Asthma", pa)
+    solo_b = Engine(model, 1).generate("Fever", pb)
+    budget = 100  # one request needs 2 + 60 - 1 = 61 positions; two need 122
+    engine = Engine(model, max_batch_size=4, kv_cache_tokens=budget, initial_cache_len=16)
+    engine.submit("a", "Asthma", pa)
+    engine.submit("b", "Fever", pb)  # accepted, not refused: it waits
+    events, seen = _drain_watching(engine)
+    assert (seen[0]["running"], seen[0]["waiting"]) == (1, 1)
+    # b started only once a had finished, and both gave what they give alone.
+    a_done = next(i for i, st in enumerate(seen) if st["finished"].get("length") == 1)
+    assert all(st["waiting"] == 1 for st in seen[:a_done])
+    assert all(st["running"] <= 1 for st in seen)
+    assert _tokens(events["a"]) == solo_a["token_ids"]
+    assert _tokens(events["b"]) == solo_b["token_ids"]
+    assert events["b"][-1].finish_reason == "length"
+
+
+def test_the_cache_stays_within_its_budget_under_load(model, solo) -> None:
+    budget = 150
+    engine = Engine(model, max_batch_size=4, kv_cache_tokens=budget, initial_cache_len=8)
+    for i, p in enumerate(PROMPTS):
+        engine.submit(f"r{i}", p, _params(i))
+    events, seen = _drain_watching(engine)
+    for i in range(len(PROMPTS)):
+        assert _tokens(events[f"r{i}"]) == solo[i]["token_ids"], i
+    assert max(st["running"] for st in seen) > 1  # the budget still lets requests share
+    assert all(st["cache_rows"] * st["cache_positions"] <= budget for st in seen)
+    # Including the moment a resize holds an old layer tensor beside the new cache.
+    assert engine.stats()["cache_peak_bytes"] <= (budget + CONTEXT) * BYTES_PER_POSITION
+
+
+def test_a_request_larger_than_the_budget_still_runs_alone(model) -> None:
+    p = SamplingParams(max_new_tokens=50, temperature=0.8, seed=3)
+    solo = Engine(model, 1).generate("Asthma", p)
+    engine = Engine(model, max_batch_size=4, kv_cache_tokens=10)
+    engine.submit("big", "Asthma", p)
+    engine.submit("next", "Fever", SamplingParams(max_new_tokens=5, temperature=0))
+    events, seen = _drain_watching(engine)
+    assert _tokens(events["big"]) == solo["token_ids"]
+    assert events["next"][-1].finished
+    assert all(st["running"] <= 1 for st in seen)
+    assert engine.stats()["cache_peak_bytes"] <= (10 + CONTEXT) * BYTES_PER_POSITION
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "100", True])
+def test_the_budget_knob_is_validated(model, bad) -> None:
+    with pytest.raises(ValueError, match="kv_cache_tokens: must be a whole number"):
+        Engine(model, kv_cache_tokens=bad)
+
+
+def test_the_serve_config_validates_the_budget() -> None:
+    from pydantic import ValidationError
+
+    from medgpt.serving import ServeConfig
+
+    assert ServeConfig(kv_cache_tokens=2048).kv_cache_tokens == 2048
+    for bad in (0, -1, 2.5, "many"):
+        with pytest.raises(ValidationError, match="kv_cache_tokens"):
+            ServeConfig(kv_cache_tokens=bad)
