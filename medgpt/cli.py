@@ -443,7 +443,7 @@ def deploy_serve(
     from ray import serve
 
     from medgpt.config import ConfigError, load_yaml
-    from medgpt.serving import ServeConfig, app_builder
+    from medgpt.serving import ServeConfig, build_app
 
     cfg = load_yaml(config)
     try:
@@ -462,7 +462,7 @@ def deploy_serve(
             "num_cpus": num_cpus,
         }
     try:
-        app = app_builder(app_args, deployment)
+        app = build_app(app_args, deployment)
     except ValidationError as e:  # a bad key or value in args
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])

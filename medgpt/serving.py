@@ -49,6 +49,10 @@ class ServeConfig(BaseModel):
     tracking_uri: str | None = None
     max_batch_size: int = Field(8, ge=1, le=256)
     max_queue: int = Field(64, ge=0)  # waiting requests beyond the batch; then 503
+    # KV cache budget in token positions (rows x positions); a request that would exceed it
+    # waits. 4096 is 302 MB for GPT-2 124M fp32 (73.7 KB a position), which keeps a replica
+    # under the 1.5 GB standard; None = no limit (max_batch_size full-context rows).
+    kv_cache_tokens: int | None = Field(4096, ge=1)
     max_tokens_cap: int = Field(512, ge=1)
     threads: int = Field(0, ge=0)  # torch threads; 0 = the replica's num_cpus
     int8: bool = False  # weight-only int8 linears (CPU); see docs/benchmarks.md for its loss cost
@@ -204,7 +208,9 @@ class MedgptServer:
             model = quantize_int8(model)
         meta = read_meta(path)
         self.cfg = cfg
-        self.engine = Engine(model, cfg.max_batch_size, cfg.max_queue)
+        self.engine = Engine(
+            model, cfg.max_batch_size, cfg.max_queue, kv_cache_tokens=cfg.kv_cache_tokens
+        )
         self.context = model.config.block_size
         self.model_id = f"{registry['name']}/{registry['version']}" if registry else Path(path).name
         self.model_card = {
@@ -511,10 +517,17 @@ class MedgptServer:
         return StreamingResponse(sse(), media_type="text/event-stream")
 
 
-def app_builder(
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """``serve run serve/config.yaml``: the config's ``args`` → the app. Serve requires a
+    builder of exactly one parameter (it refuses a second, even with a default); the
+    deployment's options come from the config's ``deployments`` section."""
+    return build_app(args)
+
+
+def build_app(
     args: dict[str, Any], deployment: dict[str, Any] | None = None
 ) -> serve.Application:
-    """``serve run serve/config.yaml`` / ``medgpt serve``: the config's ``args`` → the app.
+    """The app from ``args`` (and, for ``medgpt serve``, the deployment's options).
 
     Runs on the driver: relative paths become absolute (replicas run in another cwd), and the
     checkpoint is resolved here first, so a wrong path or registry name fails at once with

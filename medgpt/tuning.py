@@ -493,6 +493,9 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> dict[
 
     if register and spec.gate.max_loss is None:
         raise ConfigError("--register needs a gate: set gate.max_loss (or --max-loss)")
+    # Of the file as written (recipe + overrides, space, search): defaults that a newer medgpt
+    # adds to the recipe must not make a sweep unresumable.
+    fingerprint = spec.fingerprint()
     base = resolve_paths(Recipe.from_dict(spec.recipe))
     spec = dataclasses.replace(spec, recipe=base.to_dict())
     manifest = validate(base)
@@ -505,7 +508,6 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> dict[
     sweep_dir = Path(job.storage_path) / sweep.name
     trials_dir = sweep_dir / "trials"
     _search_algorithm(sweep, spec.space, 1)  # a missing package fails before Ray starts
-    fingerprint = spec.fingerprint()
     restoring = tune.Tuner.can_restore(str(sweep_dir))
     spec_file = sweep_dir / SPEC_FILE
     if restoring and spec_file.is_file():

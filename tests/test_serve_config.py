@@ -27,6 +27,22 @@ def test_config_file_is_a_valid_serve_config() -> None:
     assert deployment["max_ongoing_requests"] >= cfg.max_batch_size + cfg.max_queue
 
 
+def test_serve_run_accepts_the_configs_builder(tmp_path) -> None:
+    """What `serve run serve/config.yaml` does with import_path and args, through Serve's own
+    code: the builder is accepted (one parameter) and called — the missing checkpoint is then
+    our error, not Serve's TypeError about the builder's signature."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.utils import import_attr
+
+    from medgpt.errors import CheckpointError
+
+    app = yaml.safe_load(CONFIG.read_text())["applications"][0]
+    builder = import_attr(app["import_path"])
+    args = {**app["args"], "checkpoint": str(tmp_path / "nope"), "storage_path": str(tmp_path)}
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        call_user_app_builder_with_args_if_necessary(builder, args)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
