@@ -3,10 +3,10 @@
 Definitions follow vLLM's ``benchmarks/benchmark_serving.py`` (``--max-concurrency`` with an
 unlimited request rate): at each concurrency level C, N requests (``--requests``; default
 ``max(8, 2*C)``) are sent by C client workers (asyncio + ``aiohttp``, one connection pool), each
-worker starting its next request as soon as its previous one has finished. Every request is
-``POST /v1/completions`` with ``stream: true`` and ``stream_options: {"include_usage": true}``,
-one of a fixed set of medical prompts (24-38 GPT-2 tokens), ``max_tokens`` (``--max-tokens``),
-temperature 0.8 and a distinct seed.
+worker starting its next request as soon as its previous one has finished. By default (see
+``--paths`` below for the others) every request is ``POST /v1/completions`` with ``stream:
+true`` and ``stream_options: {"include_usage": true}``, one of a fixed set of medical prompts
+(24-38 GPT-2 tokens), ``max_tokens`` (``--max-tokens``), temperature 0.8 and a distinct seed.
 
 Per request, measured at the client from just before the POST:
 
@@ -35,16 +35,34 @@ each level, so the peak while serving shows apart from the checkpoint load's; wi
 engine's KV cache figures from ``/healthz``. The client runs on the same machine as the
 server and takes some of the same CPUs, as a local user's would.
 
+``--paths`` measures more than ``/v1/completions``, every path at every level against the same
+replica (the paths take turns going first; each sends the same request ids, so the same
+prompts and seeds): ``serve`` is Serve's ``POST /generate/stream`` and ``web`` the same body
+(``prompt``, ``max_new_tokens``, ``temperature``, ``seed``) to the Flask front's
+``POST /api/generate/stream``, which validates it and relays Serve's SSE bytes. For ``web`` the
+benchmark starts ``web.app.create_app({"SERVE_URL": <Serve>})`` in a subprocess on a free
+127.0.0.1 port: gunicorn with gthread workers (``--web-workers``, ``--web-threads``) when it
+is installed, else werkzeug's threaded ``run_simple``. Both /generate/stream paths send
+``{"text"}`` per token (text chunks give TTFT and ITL) and end with ``{"done": true, ...}``
+carrying ``completion_tokens``. With ``serve`` and ``web`` together the summary adds a table
+per level of output tok/s and TTFT, ITL and E2E medians, direct vs via the front and their
+ratio (via web / direct), whether both paths produced identical texts, and the front's peak
+resident memory (``VmHWM`` of the gunicorn master and each worker; never reset, so start-up
+is included).
+
     python bench/serve_http.py --size tiny --max-tokens 16 --concurrency 1,4   # smoke, ~1 min
     python bench/serve_http.py                                 # gpt2 124M fp32, ~5 minutes
     python bench/serve_http.py --int8 --json int8.json
     python bench/serve_http.py --url http://127.0.0.1:8000     # an already running server
+    python bench/serve_http.py --paths serve,web --concurrency 1,2,4,8   # Flask -> Serve vs Serve
+    python bench/serve_http.py --size tiny --max-tokens 16 --concurrency 1,4 --paths serve,web
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -88,11 +106,58 @@ REPLICA_CLASS = "MedgptServer"
 # One request
 
 
-async def one_request(session: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Stream one completion; client-side timings (seconds) and the usage counts."""
+def _completions_event(data: str) -> dict[str, Any]:
+    """One ``/v1/completions`` SSE payload: text chunks, then a usage chunk, then [DONE]."""
+    if data == "[DONE]":
+        return {"done": True}
+    chunk = json.loads(data)
+    ev: dict[str, Any] = {"text": ""}
+    if chunk.get("usage"):
+        ev["output_tokens"] = chunk["usage"]["completion_tokens"]
+        ev["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
+    for choice in chunk.get("choices") or []:
+        ev["text"] += choice.get("text") or ""
+        if choice.get("finish_reason"):
+            ev["finish_reason"] = choice["finish_reason"]
+    return ev
+
+
+def _generate_event(data: str) -> dict[str, Any]:
+    """One ``/generate/stream`` payload (Serve's, relayed byte for byte by the web front):
+    ``{"text"}`` per token, then ``{"done": true, ...counts}``; the front adds ``{"error"}``
+    when it loses Serve mid-stream."""
+    chunk = json.loads(data)
+    if "error" in chunk:
+        return {"error": str((chunk["error"] or {}).get("message"))[:200]}
+    ev: dict[str, Any] = {"text": chunk.get("text") or ""}
+    if chunk.get("done"):
+        ev.update(done=True, output_tokens=chunk.get("completion_tokens"),
+                  prompt_tokens=chunk.get("prompt_tokens"),
+                  finish_reason=chunk.get("finish_reason"))  # fmt: skip
+    return ev
+
+
+# path -> (route, payload parser, mount): "web" is the Flask front, the others Serve itself.
+PATHS: dict[str, tuple[str, Any, str]] = {
+    "completions": ("/v1/completions", _completions_event, "serve"),
+    "serve": ("/generate/stream", _generate_event, "serve"),
+    "web": ("/api/generate/stream", _generate_event, "web"),
+}
+
+
+def _label(path: str) -> str:
+    route, _, mount = PATHS[path]
+    if mount == "web":
+        return f"{path}: web front {route} -> Serve {PATHS['serve'][0]}"
+    return f"{path}: Serve {route}"
+
+
+async def one_request(session: Any, url: str, body: dict[str, Any], path: str) -> dict[str, Any]:
+    """Stream one generation; client-side timings (seconds) and the server's token counts."""
     out: dict[str, Any] = {"ok": False, "ttft": None, "itl": [], "latency": None,
                            "output_tokens": None, "prompt_tokens": None, "chunks": 0,
                            "finish_reason": None, "text": "", "error": None}  # fmt: skip
+    parse = PATHS[path][1]
     t0 = time.perf_counter()
     last = t0
     done = False
@@ -106,43 +171,45 @@ async def one_request(session: Any, url: str, body: dict[str, Any]) -> dict[str,
                 line = raw.decode("utf-8").strip()
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    done = True
+                ev = parse(line[len("data:") :].strip())
+                if ev.get("error"):
+                    out["error"] = ev["error"]
                     break
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    out["output_tokens"] = chunk["usage"]["completion_tokens"]
-                    out["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
-                for choice in chunk.get("choices") or []:
-                    text = choice.get("text") or ""
-                    if choice.get("finish_reason"):
-                        out["finish_reason"] = choice["finish_reason"]
-                    if not text:
-                        continue
+                for key in ("output_tokens", "prompt_tokens", "finish_reason"):
+                    if ev.get(key) is not None:
+                        out[key] = ev[key]
+                if ev.get("text"):
                     if out["ttft"] is None:
                         out["ttft"] = now - t0
                     else:
                         out["itl"].append(now - last)
                     last = now
                     out["chunks"] += 1
-                    out["text"] += text
+                    out["text"] += ev["text"]
+                # /generate/stream has no [DONE] line after its done event
+                if ev.get("done"):
+                    done = True
+                    break
         out["latency"] = time.perf_counter() - t0
-        if not done:
-            out["error"] = "stream ended without [DONE]"
-        elif out["output_tokens"] is None:
-            out["error"] = "no usage chunk"
-        elif out["ttft"] is None:
+        if out["error"] is None and not done:
+            out["error"] = "stream ended before its end event"
+        elif out["error"] is None and out["output_tokens"] is None:
+            out["error"] = "no token count"
+        elif out["error"] is None and out["ttft"] is None:
             out["error"] = "no text"
-        else:
-            out["ok"] = True
+        out["ok"] = out["error"] is None
     except Exception as e:  # a failed request is counted, not fatal
         out["error"] = f"{type(e).__name__}: {e}"
         out["latency"] = time.perf_counter() - t0
     return out
 
 
-def request_body(i: int, max_tokens: int, model: str | None) -> dict[str, Any]:
+def request_body(i: int, max_tokens: int, model: str | None, path: str) -> dict[str, Any]:
+    """The same prompt, length, temperature and seed on every path; /generate/stream has its
+    own field names and no model field (the web front refuses unknown fields)."""
+    if path != "completions":
+        return {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_tokens,
+                "temperature": TEMPERATURE, "seed": SEED_BASE + i}  # fmt: skip
     body = {
         "prompt": PROMPTS[i % len(PROMPTS)],
         "max_tokens": max_tokens,
@@ -158,17 +225,17 @@ def request_body(i: int, max_tokens: int, model: str | None) -> dict[str, Any]:
 
 async def run_level(
     base_url: str, concurrency: int, n_requests: int, max_tokens: int, first_id: int,
-    model: str | None,
+    model: str | None, path: str = "completions",
 ) -> dict[str, Any]:  # fmt: skip
     import aiohttp
 
-    url = base_url.rstrip("/") + "/v1/completions"
+    url = base_url.rstrip("/") + PATHS[path][0]
     ids = iter(range(first_id, first_id + n_requests))
     results: list[dict[str, Any]] = []
 
     async def worker(session: Any) -> None:
         for i in ids:  # shared iterator: each worker takes the next request when it is free
-            res = await one_request(session, url, request_body(i, max_tokens, model))
+            res = await one_request(session, url, request_body(i, max_tokens, model, path), path)
             res["id"] = i
             results.append(res)
 
@@ -178,7 +245,8 @@ async def run_level(
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         duration = time.perf_counter() - t0
-    return summarize(concurrency, sorted(results, key=lambda r: r["id"]), duration, max_tokens)
+    s = summarize(concurrency, sorted(results, key=lambda r: r["id"]), duration, max_tokens)
+    return {"path": path, **s}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +261,12 @@ def _stats(xs: list[float]) -> dict[str, float | None]:
     a = np.asarray(xs, dtype=np.float64)
     return {"mean": float(a.mean()), "median": float(np.median(a)),
             "p99": float(np.percentile(a, 99)), "std": float(a.std())}  # fmt: skip
+
+
+def _digest(text: str) -> str:
+    """Stands in for the text in the results: enough to tell whether two paths produced the
+    same output, without the JSON carrying every generation."""
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def summarize(
@@ -219,7 +293,10 @@ def summarize(
         "tpot_s": _stats(tpots),
         "itl_s": _stats([x for r in ok for x in r["itl"]]),
         "e2el_s": _stats([r["latency"] for r in ok]),
-        "results": [{k: v for k, v in r.items() if k != "text"} for r in results],
+        "results": [
+            {k: v for k, v in r.items() if k != "text"} | {"text_sha1": _digest(r["text"])}
+            for r in results
+        ],
     }
 
 
@@ -430,6 +507,143 @@ def stop_server() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The web front (web/app.py) in its own process, as it is deployed: Flask never shares the
+# replica's or the client's interpreter
+
+
+def start_web(serve_url: str, a: argparse.Namespace, log_path: Path) -> dict[str, Any]:
+    """``web.app.create_app({"SERVE_URL": serve_url})`` on a free 127.0.0.1 port: under
+    gunicorn's gthread workers (the README's production server) when it is installed, else
+    werkzeug's threaded ``run_simple`` (what ``medgpt web`` runs). Waits for its /healthz to
+    see Serve."""
+    import importlib.util
+    import subprocess
+
+    port = free_port()
+    factory = f"web.app:create_app({{'SERVE_URL': {serve_url!r}}})"
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    if a.web_server == "gunicorn" or (
+        a.web_server == "auto" and gunicorn.exists() and importlib.util.find_spec("gunicorn")
+    ):
+        server = f"gunicorn {a.web_workers} gthread workers x {a.web_threads} threads"
+        cmd = [str(gunicorn), "-w", str(a.web_workers), "-k", "gthread",
+               "--threads", str(a.web_threads), "-b", f"127.0.0.1:{port}", factory]  # fmt: skip
+    else:
+        server = "werkzeug run_simple(threaded=True)"
+        code = ("import sys; from werkzeug.serving import run_simple; from web.app import "
+                "create_app; run_simple('127.0.0.1', int(sys.argv[1]), create_app({'SERVE_URL': "
+                "sys.argv[2]}), threaded=True, use_reloader=False, use_debugger=False)"
+                )  # fmt: skip
+        cmd = [sys.executable, "-c", code, str(port), serve_url]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    env.pop("MEDGPT_WEB_API_KEY", None)  # a key in the caller's shell would 401 every request
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in stop_web
+    proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    web = {"proc": proc, "log": log, "log_path": log_path, "url": f"http://127.0.0.1:{port}",
+           "server": server, "cmd": cmd}  # fmt: skip
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        status, body = _http_get(web["url"] + "/healthz", timeout=2.0)
+        if status == 200 and isinstance(body, dict) and body.get("status") == "ok":
+            web["startup_s"] = time.perf_counter() - t0
+            return web
+        time.sleep(0.3)
+    stop_web(web)
+    tail = log_path.read_text(errors="replace")[-1500:]
+    raise RuntimeError(f"web front ({server}) not ready at {web['url']}:\n{tail}")
+
+
+def web_pids(root: int) -> list[int]:
+    """The front's process and its children (gunicorn's workers), root first."""
+    children: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("PPid:"):
+                    if int(line.split()[1]) == root:
+                        children.append(int(proc.name))
+                    break
+        except (OSError, ValueError):
+            continue
+    return [root, *sorted(children)]
+
+
+def web_memory(web: dict[str, Any]) -> list[dict[str, Any]]:
+    return [proc_memory(pid) for pid in web_pids(web["proc"].pid)]
+
+
+def stop_web(web: dict[str, Any]) -> None:
+    import signal
+    import subprocess
+
+    proc = web["proc"]
+    if proc.poll() is None:
+        # SIGINT: gunicorn's quick shutdown; SIGTERM's graceful one waits out keep-alives
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    web["log"].close()
+
+
+def _fmt_web_memory(readings: list[dict[str, Any]]) -> str:
+    parts = [f"pid {m['pid']} {m.get('VmHWM', 0) / 1e6:,.0f} MB" for m in readings]
+    total = sum(m.get("VmHWM", 0) for m in readings)
+    return f"{', '.join(parts)}; sum of peaks {total / 1e6:,.0f} MB"
+
+
+def print_comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Serve's /generate/stream direct vs the same requests through the web front's
+    /api/generate/stream, per concurrency level; ratio = via web / direct. A markdown table,
+    to paste as it is."""
+    direct = {s["concurrency"]: s for s in runs if s["path"] == "serve"}
+    via = {s["concurrency"]: s for s in runs if s["path"] == "web"}
+    rows = []
+    print(
+        "| concurrency | output tok/s direct / web (ratio) | TTFT median ms direct / web "
+        "(ratio) | ITL median ms direct / web (ratio) | E2E median s direct / web (ratio) |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for c in sorted(set(direct) & set(via)):
+        d, w = direct[c], via[c]
+        row: dict[str, Any] = {"concurrency": c}
+        cells = []
+        for key, stat, scale, fmt in (("output_throughput", None, 1, ".1f"),
+                                      ("ttft_s", "median", 1e3, ".0f"),
+                                      ("itl_s", "median", 1e3, ".0f"),
+                                      ("e2el_s", "median", 1, ".2f")):  # fmt: skip
+            x = d[key] if stat is None else d[key][stat]
+            y = w[key] if stat is None else w[key][stat]
+            ratio = y / x if x and y is not None else None
+            row[key] = {"direct": x, "web": y, "ratio": ratio}
+            if ratio is None:
+                cells.append("-")
+            else:
+                cells.append(f"{x * scale:{fmt}} / {y * scale:{fmt}} ({ratio:.2f}x)")
+        # Same seeds give the same tokens on both paths if the engine's sampling does not
+        # depend on batch composition; a mismatch would mean the two legs did unequal work.
+        same = sum(
+            x["ok"] and y["ok"] and x["text_sha1"] == y["text_sha1"]
+            for x, y in zip(d["results"], w["results"], strict=True)
+        )
+        row["identical_outputs"] = f"{same}/{len(d['results'])}"
+        rows.append(row)
+        print(f"| {c} | " + " | ".join(cells) + " |")
+    print("identical texts, direct vs web, per level: "
+          + ", ".join(f"c={r['concurrency']} {r['identical_outputs']}" for r in rows))  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _fmt_load(load: tuple[float, float, float]) -> str:
@@ -504,6 +718,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="first wait up to this many seconds for 1-min load <= 1.0 and no "
                    "pytest running")  # fmt: skip
+    p.add_argument("--paths", default="completions",
+                   help="comma-separated, each measured at every level against the same replica: "
+                   "completions (Serve's /v1/completions), serve (Serve's /generate/stream), "
+                   "web (the Flask front's /api/generate/stream -> Serve's /generate/stream); "
+                   "serve and web together print the web/direct comparison (default: "
+                   "completions)")  # fmt: skip
+    p.add_argument("--web-server", choices=("auto", "gunicorn", "werkzeug"), default="auto",
+                   help="what serves the front for --paths web: gunicorn gthread workers if "
+                   "installed (auto), else werkzeug's threaded run_simple")  # fmt: skip
+    p.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (README's 2)")
+    p.add_argument("--web-threads", type=int, default=0,
+                   help="threads per gunicorn worker; 0 = max(8, largest concurrency), so that "
+                   "no stream waits for a thread however the workers split the "
+                   "connections")  # fmt: skip
     p.add_argument("--json", type=Path, help="write all figures and per-request timings here")
     a = p.parse_args(argv)
     try:
@@ -512,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--concurrency: comma-separated integers")
     if not levels or min(levels) < 1 or a.max_tokens < 1 or a.requests < 0:
         p.error("--concurrency levels and --max-tokens must be >= 1, --requests >= 0")
+    paths = [x.strip() for x in a.paths.split(",") if x.strip()]
+    if not paths or any(x not in PATHS for x in paths) or len(set(paths)) != len(paths):
+        p.error(f"--paths: distinct names from {', '.join(PATHS)}")
+    if a.web_workers < 1 or a.web_threads < 0:
+        p.error("--web-workers >= 1, --web-threads >= 0")
+    a.web_threads = a.web_threads or max(8, max(levels))
     if a.url and (a.checkpoint or a.int8 or a.kv_cache_tokens is not None):
         p.error("--url benchmarks a running server: --checkpoint/--int8/--kv-cache-tokens do "
                 "not apply")  # fmt: skip
@@ -545,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tmp_ctx.name)
     server: dict[str, Any] = {}
     memory: dict[str, Any] = {}
+    web: dict[str, Any] | None = None
+    web_mem: dict[str, list[dict[str, Any]]] = {}
     runs: list[dict[str, Any]] = []
     started = False
     try:
@@ -571,51 +807,95 @@ def main(argv: list[str] | None = None) -> int:
                 f"exceeds the model's context of {context}"
             )
         model_id = card.get("id")
-        warm = asyncio.run(run_level(base, 1, 1, min(8, a.max_tokens), 0, model_id))
-        if warm["failed"]:
-            raise SystemExit(f"warm-up request failed: {warm['errors']}")
+        mounts = {"serve": base}
+        if "web" in paths:
+            web = start_web(base, a, tmp / "web.log")
+            mounts["web"] = web["url"]
+            web_mem["after_start"] = web_memory(web)
+            print(f"web front: web/app.py create_app({{'SERVE_URL': {base!r}}}) under "
+                  f"{web['server']} at {web['url']}; ready in {web['startup_s']:.1f} s; "
+                  f"peak RSS {_fmt_web_memory(web_mem['after_start'])}")  # fmt: skip
+        for path in paths:  # also the web front's first-request imports and connections
+            warm = asyncio.run(run_level(mounts[PATHS[path][2]], 1, 1, min(8, a.max_tokens), 0,
+                                         model_id, path))  # fmt: skip
+            if warm["failed"]:
+                raise SystemExit(f"warm-up request ({path}) failed: {warm['errors']}")
         print(f"model {model_id!r}, context {context}; prompts {len(PROMPTS)} "
               f"({min(prompt_lens)}-{max(prompt_lens)} tokens), max_tokens {a.max_tokens}, "
-              f"temperature {TEMPERATURE}, seed {SEED_BASE}+i per request, stream with usage; "
+              f"temperature {TEMPERATURE}, seed {SEED_BASE}+i per request, streamed; "
               f"engine max_batch_size {a.max_batch_size}, kv_cache_tokens "
-              f"{'as configured' if a.url else a.kv_cache_tokens or 'unlimited'}")  # fmt: skip
+              f"{'as configured' if a.url else a.kv_cache_tokens or 'unlimited'}; paths "
+              f"{', '.join(f'{x} ({PATHS[x][0]})' for x in paths)}")  # fmt: skip
         next_id = 1
-        for c in levels:
+        for k, c in enumerate(levels):
             n = a.requests or max(8, 2 * c)
-            print(f"  concurrency {c}: {n} requests", file=sys.stderr)
-            s = asyncio.run(run_level(base, c, n, a.max_tokens, next_id, model_id))
+            # The paths take turns going first, so that a drift in the machine's load does not
+            # always favour the same one; each gets the same request ids (prompts and seeds).
+            order = paths[k % len(paths) :] + paths[: k % len(paths)]
+            level = []
+            for path in order:
+                print(f"  concurrency {c}, {path}: {n} requests", file=sys.stderr)
+                s = asyncio.run(run_level(mounts[PATHS[path][2]], c, n, a.max_tokens, next_id,
+                                          model_id, path))  # fmt: skip
+                level.append(s)
+                print(f"[{_label(path)}]")
+                print_level(s)
             next_id += n
-            runs.append(s)
-            print_level(s)
+            runs.extend(sorted(level, key=lambda x: paths.index(x["path"])))
             if started and server.get("replica_pid") is not None:  # read now: Ray may die later
                 memory[f"after_concurrency_{c}"] = proc_memory(server["replica_pid"])
+            if web is not None:
+                web_mem[f"after_concurrency_{c}"] = web_memory(web)
             status, health = _http_get(base + "/healthz")
-            if status == 200 and isinstance(health, dict):
-                s["engine"] = {k: v for k, v in health.items() if k.startswith(("cache", "kv"))}
-            if busy := pytest_pids():
-                s["pytest_during"] = busy
+            busy = pytest_pids()
+            for s in level:
+                if status == 200 and isinstance(health, dict):
+                    s["engine"] = {k: v for k, v in health.items()
+                                   if k.startswith(("cache", "kv"))}  # fmt: skip
+                if busy:
+                    s["pytest_during"] = busy
+            if busy:
                 print(f"WARNING: pytest processes {busy} ran during this level")
-            if not s["completed"]:
-                print("every request of this level failed: the sweep stops here")
+            if not all(s["completed"] for s in level):
+                print("every request of this level failed on a path: the sweep stops here")
                 break
     finally:
-        if started:
-            stop_server()
-        tmp_ctx.cleanup()
+        try:
+            if web is not None:
+                web_log = web["log_path"].read_text(errors="replace")
+                stop_web(web)
+                if any(s["failed"] for s in runs if s["path"] == "web"):
+                    print(f"web front log (last 2000 characters):\n{web_log[-2000:]}")
+        finally:
+            if started:
+                stop_server()
+            tmp_ctx.cleanup()
     load_after = os.getloadavg()
     wall = time.perf_counter() - t_start
 
     print()
     print(f"Summary: {server['what']}; max_tokens {a.max_tokens}; times in ms unless noted")
-    print_table(runs)
-    by_c = {s["concurrency"]: s for s in runs}
-    ratio = None
-    if 1 in by_c and 8 in by_c and by_c[1]["output_throughput"] > 0:
-        ratio = by_c[8]["output_throughput"] / by_c[1]["output_throughput"]
-        print(f"output tok/s at concurrency 8 / at concurrency 1: "
-              f"{by_c[8]['output_throughput']:.1f} / {by_c[1]['output_throughput']:.1f} = "
-              f"{ratio:.2f}x (target >= {RATIO_TARGET:.0f}x: "
-              f"{'met' if ratio >= RATIO_TARGET else 'NOT met'})")  # fmt: skip
+    ratios: dict[str, float] = {}
+    for path in paths:
+        mine = [s for s in runs if s["path"] == path]
+        if not mine:
+            continue
+        print(f"[{_label(path)}]")
+        print_table(mine)
+        by_c = {s["concurrency"]: s for s in mine}
+        if 1 in by_c and 8 in by_c and by_c[1]["output_throughput"] > 0:
+            ratio = by_c[8]["output_throughput"] / by_c[1]["output_throughput"]
+            ratios[path] = ratio
+            print(f"output tok/s at concurrency 8 / at concurrency 1: "
+                  f"{by_c[8]['output_throughput']:.1f} / {by_c[1]['output_throughput']:.1f} = "
+                  f"{ratio:.2f}x (target >= {RATIO_TARGET:.0f}x: "
+                  f"{'met' if ratio >= RATIO_TARGET else 'NOT met'})")  # fmt: skip
+    comparison: list[dict[str, Any]] = []
+    if "serve" in paths and "web" in paths:
+        print()
+        print("Through the web front vs Serve direct (same /generate/stream body and request "
+              "ids; ratio = via web / direct):")  # fmt: skip
+        comparison = print_comparison(runs)
     failed = sum(s["failed"] for s in runs)
     if failed:
         print(f"WARNING: {failed} request(s) failed; the figures of those levels are not valid")
@@ -637,6 +917,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{'met' if peak < RSS_LIMIT_BYTES else 'NOT met'}")  # fmt: skip
     elif started:
         print(f"replica peak RSS: unavailable ({server.get('replica_pid_from')}; {memory})")
+    if web_mem:
+        when = list(web_mem)[-1]
+        print(f"web front ({web['server'] if web else '?'}) peak RSS (VmHWM, no reset: "
+              f"start-up included), {when.replace('_', ' ')}: "
+              f"{_fmt_web_memory(web_mem[when])}")  # fmt: skip
     engine = runs[-1].get("engine") if runs else None
     if engine:
         print(f"engine KV cache: budget {engine['kv_cache_tokens'] or 'unlimited'} positions, peak "
@@ -657,8 +942,13 @@ def main(argv: list[str] | None = None) -> int:
             "server": server,
             "replica_memory": memory,
             "prompt_tokens": prompt_lens,
-            "ratio_c8_over_c1": ratio,
+            "paths": {x: PATHS[x][2] + " " + PATHS[x][0] for x in paths},
+            "ratio_c8_over_c1": ratios,
             "levels": runs,
+            "web": None if web is None else {k: web[k] for k in ("server", "url", "cmd",
+                                                                 "startup_s") if k in web},
+            "web_memory": web_mem,
+            "web_vs_direct": comparison,
             "wall_s": wall,
         }  # fmt: skip
         a.json.write_text(json.dumps(payload, indent=2) + "\n")
