@@ -97,16 +97,22 @@ def connect_ray(recipe: Recipe) -> None:
     )
 
 
+def worker_group_resources(recipe: Recipe) -> dict[str, float]:
+    """What the run's whole worker group reserves: CPUs, and a GPU per worker when used."""
+    job = recipe.job
+    need = {"CPU": job.num_workers * job.cpus_per_worker}
+    if job.use_gpu:
+        need["GPU"] = float(job.num_workers)
+    return need
+
+
 def check_capacity(recipe: Recipe) -> None:
     """Refuse a worker group this cluster can never hold (Ray would otherwise wait)."""
     import ray
 
     total = ray.cluster_resources()
     job = recipe.job
-    need = {"CPU": job.num_workers * job.cpus_per_worker}
-    if job.use_gpu:
-        need["GPU"] = float(job.num_workers)
-    for res, amount in need.items():
+    for res, amount in worker_group_resources(recipe).items():
         have = float(total.get(res, 0.0))
         if amount > have and not os.environ.get("MEDGPT_ALLOW_AUTOSCALE"):
             raise ConfigError(

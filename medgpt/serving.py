@@ -524,9 +524,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(args)
 
 
-def build_app(
-    args: dict[str, Any], deployment: dict[str, Any] | None = None
-) -> serve.Application:
+def build_app(args: dict[str, Any], deployment: dict[str, Any] | None = None) -> serve.Application:
     """The app from ``args`` (and, for ``medgpt serve``, the deployment's options).
 
     Runs on the driver: relative paths become absolute (replicas run in another cwd), and the

@@ -315,19 +315,13 @@ def check_space(spec: TuneSpec) -> None:
 # Resources
 
 
-def trial_resources(recipe: Recipe) -> dict[str, float]:
-    job = recipe.job
-    need = {"CPU": job.num_workers * job.cpus_per_worker}
-    if job.use_gpu:
-        need["GPU"] = float(job.num_workers)
-    return need
-
-
 def plan_concurrency(spec: TuneSpec, cluster: Mapping[str, float], trials: int) -> int:
     """How many trials run at once: what the cluster holds (never more, or a trial's worker
     group would wait for CPUs another trial holds), at most ``max_concurrent_trials``."""
+    from medgpt.launch import worker_group_resources
+
     recipe = Recipe.from_dict(spec.recipe)
-    need = trial_resources(recipe)
+    need = worker_group_resources(recipe)
     if os.environ.get("MEDGPT_ALLOW_AUTOSCALE") and spec.sweep.max_concurrent_trials:
         # An autoscaling cluster may start with no GPU node at all: trust the stated limit.
         return min(trials, spec.sweep.max_concurrent_trials)
@@ -447,16 +441,6 @@ def _search_algorithm(
         ) from None
 
 
-def _connect(recipe: Recipe) -> None:
-    """Join RAY_ADDRESS or start a local Ray, with the dashboard: when ASHA stops a trial, its
-    worker group's placement group is freed through the State API, which the dashboard serves
-    (connect_ray tells the workers where it is); without it the group leaks and later trials
-    wait forever (FIELD-NOTES)."""
-    from medgpt.launch import connect_ray
-
-    connect_ray(recipe)
-
-
 def _asha(max_steps: int, grace_period: int, reduction_factor: float) -> Any:
     """ASHA on training steps, which never stops a trial at its last step: a stop kills the
     trial function at once, before it closes its MLflow run and writes its result, and at the
@@ -489,7 +473,7 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> dict[
     from ray.tune.schedulers import FIFOScheduler
 
     from medgpt import tracking
-    from medgpt.launch import resolve_paths, validate
+    from medgpt.launch import connect_ray, resolve_paths, validate
 
     if register and spec.gate.max_loss is None:
         raise ConfigError("--register needs a gate: set gate.max_loss (or --max-loss)")
@@ -522,7 +506,9 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> dict[
             f"{sweep_dir}: exists but holds no sweep to resume; give another sweep.name"
         )
 
-    _connect(base)
+    # With the dashboard, whose State API frees the placement group of a trial ASHA stopped
+    # (connect_ray tells the workers where it is; FIELD-NOTES: the leak that hangs sweeps).
+    connect_ray(base)
     trials = count_trials(spec)
     concurrency = plan_concurrency(spec, ray.cluster_resources(), trials)
     search_alg, search_name = _search_algorithm(sweep, spec.space, concurrency)

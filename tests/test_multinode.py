@@ -88,6 +88,15 @@ def _run_until_node_removed(recipe, tmp_path, name, ray_cluster, remove) -> subp
     return proc
 
 
+def _finish(proc: subprocess.Popen, timeout_s: float = 300) -> int:
+    """The driver's exit status; killed (with its group) if it outlives the timeout."""
+    try:
+        return proc.wait(timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_strict_spread_needs_as_many_nodes_as_workers(ray_cluster, icd_data, tmp_path) -> None:
     """Refused up front on the one-node cluster, instead of waiting for a node that is not
     there."""
@@ -108,12 +117,7 @@ def test_run_survives_losing_a_node_when_it_can_regroup(
         icd_data, storage, "spread", **LONG,
         **{"job.placement_strategy": "SPREAD", "job.max_failures": 1},
     )  # fmt: skip
-    proc = _run_until_node_removed(recipe, tmp_path, "spread", ray_cluster, second_node)
-    try:
-        rc = proc.wait(300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    rc = _finish(_run_until_node_removed(recipe, tmp_path, "spread", ray_cluster, second_node))
     log = (tmp_path / "spread.log").read_text()
     assert rc == 0, log[-3000:]
     assert log.count("Started training worker group") >= 2, log[-3000:]
@@ -132,12 +136,7 @@ def test_run_fails_clearly_when_it_cannot_place_its_workers(
         icd_data, storage, "strict-lost", **LONG,
         **{"job.placement_strategy": "STRICT_SPREAD", "job.max_failures": 1},
     )  # fmt: skip
-    proc = _run_until_node_removed(recipe, tmp_path, "strict", ray_cluster, second_node)
-    try:
-        rc = proc.wait(300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    rc = _finish(_run_until_node_removed(recipe, tmp_path, "strict", ray_cluster, second_node))
     log = (tmp_path / "strict.log").read_text()
     assert rc == 2, log[-3000:]
     assert "medgpt train: error: training run 'strict-lost' failed" in log, log[-3000:]
