@@ -347,10 +347,17 @@ def fake_serve():
 
     @fake.post("/cut/generate/stream")
     def cut():
+        from flask import request
+
+        # Shut the socket itself, as a dying replica does. Raising an error in the generator
+        # is not the same: Werkzeug takes a ConnectionError for a client that left and keeps
+        # the connection open, so the client would wait for its read timeout instead.
+        sock = request.environ["werkzeug.socket"]
+
         def events():
             yield 'data: {"text": "Asthma"}\n\n'
             yield 'data: {"text": " is"}\n\n'
-            raise ConnectionResetError("replica died")  # the server drops the connection
+            sock.shutdown(socket.SHUT_RDWR)
 
         return Response(events(), mimetype="text/event-stream")
 
