@@ -17,6 +17,10 @@ admitting it would make rows x positions, reserved for every running request's l
 sequence, exceed the budget. A request alone always starts, so the cache holds at most
 max(budget, one full-context row) positions, plus one old layer tensor while it is resized.
 
+On the CPU in float32 the model's linear layers are swapped for
+:class:`medgpt.fastlinear.SmallBatchLinear` (``fast_linear=True``, the default): decoding
+multiplies a few rows by each weight matrix, a shape MKL runs on one core; see that module.
+
 Sampling is per request: temperature (0 = greedy), top-k, top-p and a seed that drives that
 request's own generator, so the same seed and prompt give the same text whether the request
 ran alone or beside others. Text is streamed as it becomes valid UTF-8; stop strings are
@@ -35,6 +39,7 @@ from typing import Any
 
 import torch
 
+from medgpt.fastlinear import SmallBatchLinear, restore_linear, use_fast_linear
 from medgpt.model import GPT, KVCache
 from medgpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -146,6 +151,7 @@ class Engine:
         max_queue: int | None = None,
         initial_cache_len: int = 256,
         kv_cache_tokens: int | None = None,
+        fast_linear: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -161,6 +167,13 @@ class Engine:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
+        # In place: the swapped layers share the model's Parameters and give the same results
+        # to float32 rounding; training and prefill still go through F.linear.
+        if fast_linear and self.device.type == "cpu" and dtype == torch.float32:
+            use_fast_linear(model)
+        elif not fast_linear:
+            restore_linear(model)
+        self.fast_linear = any(isinstance(m, SmallBatchLinear) for m in model.modules())
         self.max_len = model.config.block_size
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -228,6 +241,7 @@ class Engine:
                 "cache_bytes": self._cache_shape[2],
                 "cache_peak_bytes": self._cache_peak,  # also counts the overlap while resizing
                 "kv_cache_tokens": self.kv_cache_tokens,
+                "fast_linear": self.fast_linear,
             }
 
     # -- the step loop (one thread at a time) -----------------------------------------------

@@ -56,6 +56,7 @@ class ServeConfig(BaseModel):
     max_tokens_cap: int = Field(512, ge=1)
     threads: int = Field(0, ge=0)  # torch threads; 0 = the replica's num_cpus
     int8: bool = False  # weight-only int8 linears (CPU); see docs/benchmarks.md for its loss cost
+    fast_linear: bool = True  # float32 on CPU: medgpt.fastlinear's decode kernel
     device: str = "auto"
 
 
@@ -209,7 +210,11 @@ class MedgptServer:
         meta = read_meta(path)
         self.cfg = cfg
         self.engine = Engine(
-            model, cfg.max_batch_size, cfg.max_queue, kv_cache_tokens=cfg.kv_cache_tokens
+            model,
+            cfg.max_batch_size,
+            cfg.max_queue,
+            kv_cache_tokens=cfg.kv_cache_tokens,
+            fast_linear=cfg.fast_linear,
         )
         self.context = model.config.block_size
         self.model_id = f"{registry['name']}/{registry['version']}" if registry else Path(path).name
@@ -229,6 +234,7 @@ class MedgptServer:
             else None,
             "context_length": self.context,
             "int8": cfg.int8,
+            "fast_linear": self.engine.fast_linear,
         }
         self.engine.generate("warm up", SamplingParams(max_new_tokens=2, temperature=0))
         self._queues: dict[str, asyncio.Queue[Event]] = {}

@@ -1,0 +1,64 @@
+/* y = x @ W^T + b for a few rows of x: the shape of every linear layer while decoding.
+ *
+ * x is (M, K) and W is (N, K), both float32 and row-major (nn.Linear's layout), b is (N) or
+ * NULL, y is (M, N). Made for M <= ~16: each block of four rows of W is read from memory once
+ * and used for every row of x while it sits in L1, so the cost stays close to one pass over W
+ * whatever M is. MKL's small-M sgemm and its gemv run such shapes on one core (see
+ * medgpt/fastlinear.py); here OpenMP splits the rows of W between threads.
+ *
+ * Built at run time by medgpt/fastlinear.py with -O3 -mavx2 -mfma -fopenmp. */
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* R rows of W (R <= 4) against MB rows of x (MB <= 3): R * MB dot products of length K.
+ * Both are compile-time constants at each call site, so the loops unroll into registers. */
+static inline __attribute__((always_inline)) void
+tile(const float *x, const float *w, const float *b, float *y, int64_t K, int64_t N, int R,
+     int MB) {
+    __m256 acc[4][3];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) acc[r][m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_ps(w + r * K + k);
+        for (int m = 0; m < MB; m++) {
+            __m256 xv = _mm256_loadu_ps(x + m * K + k);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        for (int r = 0; r < R; r++) {
+            float s = hsum(acc[r][m]);
+            for (int64_t kk = k; kk < K; kk++) s += w[r * K + kk] * x[m * K + kk];
+            y[m * N + r] = b != NULL ? s + b[r] : s;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+rows(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t K, int64_t N,
+     int R) {
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3) tile(x + m * K, w, b, y + m * N, K, N, R, 3);
+    if (M - m == 2) tile(x + m * K, w, b, y + m * N, K, N, R, 2);
+    else if (M - m == 1) tile(x + m * K, w, b, y + m * N, K, N, R, 1);
+}
+
+void medgpt_small_linear(const float *x, const float *w, const float *b, float *y,
+                         int64_t M, int64_t K, int64_t N, int threads) {
+    int64_t blocks = N / 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < blocks; i++)
+        rows(x, w + 4 * i * K, b != NULL ? b + 4 * i : NULL, y + 4 * i, M, K, N, 4);
+    for (int64_t n = blocks * 4; n < N; n++)
+        rows(x, w + n * K, b != NULL ? b + n : NULL, y + n, M, K, N, 1);
+}

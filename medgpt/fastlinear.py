@@ -1,0 +1,207 @@
+"""A faster float32 linear layer for decoding on the CPU.
+
+While decoding, every linear layer multiplies a few rows of activations (one per running
+request) by its whole weight matrix, so each step reads all the weights once and does little
+arithmetic on them. PyTorch sends those products to MKL, which on this project's machines
+(2-core AVX2, torch 2.13) runs them on one core: one row reads the weights at ~11 GB/s of the
+~18 GB/s the two cores reach together, and two to sixteen rows take two to three times as long
+as one (MKL's small-M sgemm path). ``csrc/small_linear.c`` is a plain AVX2/FMA kernel for
+exactly that shape: the weight rows split between OpenMP threads, each block of four rows read
+once and used for every row of the input while it sits in L1.
+``bench/serve_engine.py`` measures what that does to decoding.
+
+The kernel is compiled on first use with the system's C compiler (``$CC``, else ``cc``) into a
+per-user cache (``$MEDGPT_KERNEL_CACHE``, else ``~/.cache/medgpt/kernels``), named by a hash of
+the source and flags, so it is built once per machine. It links the OpenMP runtime torch
+already loaded, so both share one thread pool. Where it cannot be had (no compiler, not x86-64
+with AVX2 and FMA, a failed build), :func:`kernel` returns None with the reason in
+:func:`unavailable_reason` and everything stays on ``F.linear``.
+
+A row's result does not depend on how many other rows are in the call (each dot product is
+summed in the same order whatever M is), so batching requests does not change their tokens.
+Results differ from ``F.linear``'s by float32 rounding only (~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "MAX_ROWS",
+    "SmallBatchLinear",
+    "kernel",
+    "restore_linear",
+    "unavailable_reason",
+    "use_fast_linear",
+]
+
+# Above this many rows the product is a real matrix multiplication (a prompt's prefill, a
+# large batch) and MKL's blocked sgemm is the better tool.
+MAX_ROWS = 16
+
+_SOURCE = Path(__file__).with_name("csrc") / "small_linear.c"
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in flags.splitlines():
+        if line.startswith("flags"):
+            words = set(line.split(":", 1)[1].split())
+            return {"avx2", "fma"} <= words
+    return False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MEDGPT_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "medgpt" / "kernels"
+
+
+def _build() -> tuple[ctypes._CFuncPtr | None, str | None]:
+    if os.environ.get("MEDGPT_FAST_LINEAR", "1") == "0":
+        return None, "disabled by MEDGPT_FAST_LINEAR=0"
+    if not _cpu_has_avx2_fma():
+        return None, "this CPU is not x86-64 with AVX2 and FMA"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler found (set CC)"
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"small_linear-{tag}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: another process loading the library at
+        # the same moment sees either no file or a whole one.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [cc, *_FLAGS, "-o", tmp, str(_SOURCE)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if proc.returncode != 0:
+                return None, f"{cc} failed to build {_SOURCE.name}: {proc.stderr.strip()[-500:]}"
+            os.replace(tmp, target)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return None, f"building {_SOURCE.name} failed: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        fn = ctypes.CDLL(str(target)).medgpt_small_linear
+    except (OSError, AttributeError) as e:
+        return None, f"loading {target} failed: {e}"
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.restype = None
+    return fn, None
+
+
+def kernel() -> ctypes._CFuncPtr | None:
+    """The compiled kernel, built on first call; None where it cannot be had."""
+    with _lock:
+        if "fn" not in _state:
+            _state["fn"], _state["reason"] = _build()
+        return _state["fn"]  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`kernel` is None (None when it is available)."""
+    kernel()
+    return _state["reason"]  # type: ignore[return-value]
+
+
+class SmallBatchLinear(nn.Module):
+    """An ``nn.Linear`` whose forward uses the kernel for a few rows of float32 on the CPU
+    outside autograd, and ``F.linear`` for everything else (training, prefill, other devices
+    and dtypes). It shares the original layer's Parameters: a tied weight stays tied."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The checks are ordered cheapest first and kept few: at batch 1 a decode step makes
+        # 49 of these calls, and their overhead is part of what this layer is for.
+        w, b = self.weight, self.bias
+        if (
+            x.numel() > MAX_ROWS * self.in_features
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or w.dtype != torch.float32
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or not w.is_contiguous()
+            or (b is not None and not b.is_contiguous())
+        ):
+            return F.linear(x, w, b)
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        # Looked up per call rather than held by the module: a ctypes pointer would make the
+        # model impossible to deepcopy or pickle.
+        _state["fn"](
+            x2.data_ptr(),
+            w.data_ptr(),
+            None if b is None else b.data_ptr(),
+            y.data_ptr(),
+            x2.shape[0],
+            self.in_features,
+            self.out_features,
+            torch.get_num_threads(),
+        )
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def use_fast_linear(model: nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` (in place) for :class:`SmallBatchLinear`; returns
+    how many were swapped, 0 when the kernel is unavailable (then nothing changes)."""
+    if kernel() is None:
+        return 0
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, SmallBatchLinear(child))
+                swapped += 1
+    return swapped
+
+
+def restore_linear(model: nn.Module) -> int:
+    """Undo :func:`use_fast_linear` in place (plain ``nn.Linear`` layers sharing the same
+    Parameters); returns how many layers were restored."""
+    restored = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, SmallBatchLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                linear.weight, linear.bias = child.weight, child.bias
+                setattr(module, name, linear)
+                restored += 1
+    return restored
