@@ -6,6 +6,8 @@ depend on what the weights learned), one request at a time, greedy, on the CPU:
 * ``medgpt Engine fp32``   ``Engine(model, max_batch_size=1).generate(prompt,
   SamplingParams(max_new_tokens=N, temperature=0))`` (this includes the engine's streaming
   detokenisation, as serving does)
+* ``Engine fp32 F.linear`` the same with ``fast_linear=False``: every linear layer through
+  ``F.linear`` (MKL) instead of ``medgpt.fastlinear``'s decode kernel
 * ``medgpt Engine int8``   the same on ``medgpt.quantize.quantize_int8(model)``
 * ``HF generate fp32``     the baseline: ``transformers.GPT2LMHeadModel`` loaded from the folder
   ``medgpt.model.save_hf_gpt2`` wrote from the same weights, ``model.generate(input_ids,
@@ -62,6 +64,7 @@ if str(_REPO) not in sys.path:
 
 METHODS = {
     "engine_fp32": "medgpt Engine fp32",
+    "engine_fp32_mkl": "Engine fp32 F.linear",
     "engine_int8": "medgpt Engine int8",
     "hf_fp32": "HF generate fp32",
 }
@@ -164,7 +167,8 @@ def _build(method: str, folder: str) -> tuple[Any, Any, dict[str, Any]]:
         else:
             facts = {}
         facts["weight_bytes"] = weight_bytes(model)["total"]
-        engine = Engine(model, max_batch_size=1)
+        engine = Engine(model, max_batch_size=1, fast_linear=method != "engine_fp32_mkl")
+        facts["fast_linear"] = engine.fast_linear
 
         def gen_engine(ids: list[int], n: int) -> list[int]:
             out = engine.generate(ids, SamplingParams(max_new_tokens=n, temperature=0))
@@ -416,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         per_round = ", ".join(f"{x:.1f}" for x in summary[m]["decode_tokens_per_s_all"])
         print(f"  {METHODS[m]}: per round {per_round} tok/s")
     ef, ei = summary["engine_fp32"], summary["engine_int8"]
+    if not facts["engine_fp32"]["fast_linear"]:
+        print("WARNING: the decode kernel was unavailable; Engine fp32 ran on F.linear")
     print(f"ratio Engine fp32 / HF generate fp32: {ef['ratio_vs_baseline']:.2f}x")
+    em = summary["engine_fp32_mkl"]["decode_tokens_per_s"]
+    print(f"ratio Engine fp32 kernel / F.linear: {ef['decode_tokens_per_s'] / em:.2f}x")
     print(f"ratio Engine int8 / HF generate fp32: {ei['ratio_vs_baseline']:.2f}x")
     same = runs["engine_fp32"][0]["tokens"] == runs["hf_fp32"][0]["tokens"]
     fp32_toks, int8_toks = runs["engine_fp32"][0]["tokens"], runs["engine_int8"][0]["tokens"]

@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from medgpt.fastlinear import restore_linear
+from medgpt.fastlinear import SmallBatchLinear, restore_linear
 from medgpt.model import GPT
 
 __all__ = ["is_quantized", "quantize_int8", "weight_bytes"]
@@ -108,7 +108,7 @@ def weight_bytes(model: GPT) -> dict[str, int]:
                 linear += 8 * w.shape[0]  # fbgemm keeps a float32 scale + int32 zero point
             if b is not None:
                 linear += b.numel() * b.element_size()
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, SmallBatchLinear)):
             linear += sum(p.numel() * p.element_size() for p in module.parameters())
         elif isinstance(module, nn.LayerNorm):
             other += sum(p.numel() * p.element_size() for p in module.parameters())

@@ -1,0 +1,232 @@
+"""The decode kernel (medgpt.fastlinear): same numbers as F.linear, batch-invariant rows,
+drop-in for the model's layers, and a clean fall-back where it cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medgpt import fastlinear
+from medgpt.config import ModelConfig
+from medgpt.fastlinear import MAX_ROWS, SmallBatchLinear, restore_linear, use_fast_linear
+from medgpt.generation import Engine, SamplingParams
+from medgpt.model import GPT, KVCache
+from medgpt.quantize import is_quantized, quantize_int8
+from tests.conftest import REPO
+
+needs_kernel = pytest.mark.skipif(
+    fastlinear.kernel() is None, reason=f"kernel unavailable: {fastlinear.unavailable_reason()}"
+)
+
+
+def _layer(n_in: int, n_out: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+def test_kernel_builds_on_this_machine() -> None:
+    # CI machines are x86-64 with AVX2 and a compiler: there the fall-back would hide a
+    # broken build, so this one insists.
+    assert fastlinear.kernel() is not None, fastlinear.unavailable_reason()
+    assert fastlinear.unavailable_reason() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_in", [8, 13, 96, 768])
+@pytest.mark.parametrize("n_out", [1, 3, 4, 5, 9, 50])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_f_linear(n_in: int, n_out: int, bias: bool) -> None:
+    base = _layer(n_in, n_out, bias)
+    fast = SmallBatchLinear(base)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for rows in (1, 2, 3, 4, 7, MAX_ROWS):
+            x = torch.randn(rows, n_in)
+            torch.testing.assert_close(fast(x), F.linear(x, base.weight, base.bias))
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_batch() -> None:
+    # Bit for bit: this is what keeps a request's tokens the same alone and in a batch.
+    fast = SmallBatchLinear(_layer(768, 2304))
+    x = torch.randn(MAX_ROWS, 768)
+    with torch.no_grad():
+        batched = fast(x)
+        for rows in (1, 2, 5, 8):
+            assert torch.equal(fast(x[:rows]), batched[:rows])
+        for r in range(MAX_ROWS):
+            assert torch.equal(fast(x[r : r + 1])[0], batched[r])
+
+
+@needs_kernel
+def test_uses_the_kernel_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = _layer(16, 8)
+    fast = SmallBatchLinear(base)
+    calls: list[int] = []
+    real = fastlinear._state["fn"]
+
+    def counting(*args):  # the kernel's rows argument
+        calls.append(args[4])
+        return real(*args)
+
+    monkeypatch.setitem(fastlinear._state, "fn", counting)
+    x = torch.randn(MAX_ROWS + 1, 16)
+    want = F.linear(x, base.weight, base.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x[:3]), want[:3])
+        assert calls == [3]
+        # Too many rows, a 3-D prefill input, a strided input, float64: F.linear.
+        torch.testing.assert_close(fast(x), want)
+        torch.testing.assert_close(fast(x[None, :2]), want[None, :2])
+        torch.testing.assert_close(
+            fast(x[:4, ::2].repeat(1, 2)), F.linear(x[:4, ::2].repeat(1, 2), base.weight, base.bias)
+        )
+        torch.testing.assert_close(fast(x[:, :16].t().contiguous().t()[:2]), want[:2])
+        y64 = SmallBatchLinear(_layer(16, 8).double())(x[:2].double())
+        assert y64.dtype == torch.float64
+    assert calls == [3, 4]  # the repeat() input is contiguous again, so it took the kernel
+    # With autograd on, gradients flow exactly as through nn.Linear.
+    ref_layer = copy.deepcopy(base)
+    xg = x[:2].clone().requires_grad_()
+    fast(xg).sum().backward()
+    xb = x[:2].clone().requires_grad_()
+    ref_layer(xb).sum().backward()
+    torch.testing.assert_close(xg.grad, xb.grad)
+    torch.testing.assert_close(fast.weight.grad, ref_layer.weight.grad)
+    assert calls == [3, 4]
+
+
+def _tiny() -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257)
+    return GPT(cfg).eval()
+
+
+@needs_kernel
+def test_swapping_keeps_parameters_tied_and_the_checkpoint_format() -> None:
+    model = _tiny()
+    keys = list(model.state_dict())
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    assert use_fast_linear(model) == n_linear == 2 * 4 + 1
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert list(model.state_dict()) == keys
+    # deepcopy and pickling (Ray ships models between processes) still work.
+    clone = copy.deepcopy(model)
+    assert isinstance(clone.lm_head, SmallBatchLinear)
+    assert clone.lm_head.weight is clone.transformer.wte.weight
+    assert use_fast_linear(model) == 0  # nothing left to swap
+    assert restore_linear(model) == n_linear
+    assert all(not isinstance(m, SmallBatchLinear) for m in model.modules())
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@needs_kernel
+def test_decode_step_with_the_kernel_matches_the_plain_model() -> None:
+    plain = _tiny()
+    fast = copy.deepcopy(plain)
+    use_fast_linear(fast)
+    caches = [KVCache(plain.config, 3, 32) for _ in range(2)]
+    prompt = torch.randint(0, 50257, (3, 5))
+    idx = torch.randint(0, 50257, (3,))
+    pos = torch.tensor([5, 5, 5])
+    with torch.no_grad():
+        for m, c in zip((plain, fast), caches, strict=True):
+            m.features(prompt, kv_cache=c)
+        a = plain.decode_step(idx, pos, caches[0])
+        b = fast.decode_step(idx, pos, caches[1])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for ka, kb in zip(caches[0].k, caches[1].k, strict=True):
+        torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_engine_uses_the_kernel_and_can_be_told_not_to() -> None:
+    model = _tiny()
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3)
+    fast = Engine(model, max_batch_size=2)
+    assert fast.fast_linear and fast.stats()["fast_linear"] is True
+    out_fast = fast.generate("Asthma is", params)
+    plain = Engine(model, max_batch_size=2, fast_linear=False)
+    assert not plain.fast_linear and not any(
+        isinstance(m, SmallBatchLinear) for m in model.modules()
+    )
+    out_plain = plain.generate("Asthma is", params)
+    assert out_fast["token_ids"] == out_plain["token_ids"]
+    # An int8 copy of a model an Engine has swapped is still fully quantised.
+    Engine(model, max_batch_size=1)
+    q = quantize_int8(model)
+    assert is_quantized(q) and not any(isinstance(m, SmallBatchLinear) for m in q.modules())
+    assert not Engine(q, max_batch_size=1).fast_linear
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+_REPORT = """
+    import os
+    from medgpt import fastlinear
+    from medgpt.config import ModelConfig
+    from medgpt.generation import Engine, SamplingParams
+    from medgpt.model import GPT
+
+    print("reason:", fastlinear.unavailable_reason())
+    m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257))
+    e = Engine(m, max_batch_size=1)
+    print("fast:", e.fast_linear)
+    out = e.generate("Fever", SamplingParams(max_new_tokens=3, temperature=0))
+    print("tokens:", len(out["token_ids"]))
+    cache = os.environ["MEDGPT_KERNEL_CACHE"]
+    print("files:", sorted(os.listdir(cache)) if os.path.isdir(cache) else None)
+"""
+
+
+def test_a_failed_build_falls_back_to_f_linear_and_leaves_nothing(tmp_path) -> None:
+    cache = tmp_path / "kernels"
+    r = _python(_REPORT, MEDGPT_KERNEL_CACHE=str(cache), CC="/bin/false")
+    assert r.returncode == 0, r.stderr
+    assert "reason: /bin/false failed to build small_linear.c" in r.stdout
+    assert "fast: False" in r.stdout and "tokens: 3" in r.stdout
+    assert "files: []" in r.stdout  # no half-built library left for the next process
+
+
+def test_disabled_by_environment(tmp_path) -> None:
+    r = _python(_REPORT, MEDGPT_KERNEL_CACHE=str(tmp_path / "k"), MEDGPT_FAST_LINEAR="0")
+    assert r.returncode == 0, r.stderr
+    assert "reason: disabled by MEDGPT_FAST_LINEAR=0" in r.stdout and "fast: False" in r.stdout
+    assert "files: None" in r.stdout
+
+
+@needs_kernel
+def test_builds_once_into_the_cache(tmp_path) -> None:
+    cache = tmp_path / "kernels"
+    first = _python(_REPORT, MEDGPT_KERNEL_CACHE=str(cache))
+    assert first.returncode == 0, first.stderr
+    assert "reason: None" in first.stdout and "fast: True" in first.stdout
+    (built,) = list(cache.iterdir())
+    assert built.name.startswith("small_linear-") and built.suffix == ".so"
+    mtime = built.stat().st_mtime_ns
+    # A second process loads the library it finds; a missing compiler does not matter then.
+    second = _python(_REPORT, MEDGPT_KERNEL_CACHE=str(cache), CC="/bin/false")
+    assert "fast: True" in second.stdout, second.stderr
+    assert [p.name for p in cache.iterdir()] == [built.name]
+    assert built.stat().st_mtime_ns == mtime
