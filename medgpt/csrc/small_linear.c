@@ -1,10 +1,11 @@
 /* y = x @ W^T + b for a few rows of x: the shape of every linear layer while decoding.
  *
  * x is (M, K) and W is (N, K), both float32 and row-major (nn.Linear's layout), b is (N) or
- * NULL, y is (M, N). Made for M <= ~16: each block of four rows of W is read from memory once
- * and used for every row of x while it sits in L1, so the cost stays close to one pass over W
- * whatever M is. MKL's small-M sgemm and its gemv run such shapes on one core (see
- * medgpt/fastlinear.py); here OpenMP splits the rows of W between threads.
+ * NULL, y is (M, N). Made for small M (decoding, short prefills): each block of four rows of W
+ * is read from memory once and used for every row of x while it sits in L1, so for a few rows
+ * the cost stays close to one pass over W. MKL's gemv runs such shapes on one core and its
+ * small-M sgemm is slower still (see medgpt/fastlinear.py); here OpenMP splits the rows of W
+ * between threads.
  *
  * Built at run time by medgpt/fastlinear.py with -O3 -mavx2 -mfma -fopenmp. */
 #include <immintrin.h>
