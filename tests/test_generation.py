@@ -215,6 +215,20 @@ def test_filter_logits_top_k_and_top_p() -> None:
     assert not torch.isinf(filter_logits(logits, 0, 1.0)).any()
 
 
+@pytest.mark.parametrize("scale", [0.5, 3.0, 8.0, 30.0])  # flat (full sort) to peaked
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_same_set_as_a_full_sort(scale: float, top_p: float) -> None:
+    # filter_logits looks at the top 64 / 1,024 first; the set must be the one a sort of the
+    # whole vocabulary gives.
+    torch.manual_seed(int(scale * 10) + int(top_p * 1000))
+    logits = torch.randn(50257) * scale
+    probs = torch.softmax(logits.double(), -1)
+    sorted_p, order = torch.sort(probs, descending=True)
+    want = set(order[(sorted_p.cumsum(-1) - sorted_p) < top_p].tolist())
+    got = set(torch.nonzero(~torch.isinf(filter_logits(logits, 0, top_p))).flatten().tolist())
+    assert got == want and len(got) >= 1
+
+
 def test_sampling_follows_the_distribution(model) -> None:
     # Rough check that inverse-CDF sampling draws from softmax(logits / T): token frequencies
     # over many seeds track the probabilities.
