@@ -478,6 +478,9 @@ def complete(
     ids = enc.encode_ordinary(prompt)[-(model.config.block_size - 1) :] or [EOT_ID]
     budget = min(max_new_tokens, model.config.block_size - len(ids))
     was_training = model.training
+    # The Engine swaps the linear layers in place; a model being trained gets its own back
+    # (same Parameters either way), so a compiled or wrapped training model sees no change.
+    had_fast = any(isinstance(m, SmallBatchLinear) for m in model.modules())
     try:
         engine = Engine(model, max_batch_size=1)
         params = SamplingParams(
@@ -485,4 +488,6 @@ def complete(
         )
         return engine.generate(ids, params)["text"]
     finally:
+        if not had_fast:
+            restore_linear(model)
         model.train(was_training)

@@ -172,6 +172,16 @@ def test_engine_uses_the_kernel_and_can_be_told_not_to() -> None:
     assert not Engine(q, max_batch_size=1).fast_linear
 
 
+def test_complete_leaves_the_model_as_it_was() -> None:
+    # Training prints sample completions from the model it is training.
+    from medgpt.generation import complete
+
+    model = _tiny()
+    complete(model, "Asthma is", max_new_tokens=4)
+    assert all(type(m) is not SmallBatchLinear for m in model.modules())
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
