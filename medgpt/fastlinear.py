@@ -92,11 +92,17 @@ def _build() -> tuple[ctypes._CFuncPtr | None, str | None]:
     tag = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"small_linear-{tag}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Built under a temporary name and renamed: another process loading the library at
-        # the same moment sees either no file or a whole one.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Built under a temporary name and renamed: another process loading the library
+            # at the same moment sees either no file or a whole one.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+        except OSError as e:
+            return (
+                None,
+                f"cannot write the kernel cache {target.parent} ({e}); set MEDGPT_KERNEL_CACHE",
+            )
         try:
             proc = subprocess.run(
                 [cc, *_FLAGS, "-o", tmp, str(_SOURCE)],
@@ -150,9 +156,10 @@ class SmallBatchLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Few, cheap checks: a decode step at batch 1 makes 49 of these calls, and at GPT-2
         # 124M their overhead was a tenth of the step. What does not pass goes to F.linear.
-        w, b = self.weight, self.bias
+        w, b, fn = self.weight, self.bias, _state.get("fn")
         if (
-            x.is_cpu
+            fn is not None
+            and x.is_cpu
             and x.dtype == torch.float32
             and not torch.is_grad_enabled()
             and x.shape[-1] == self.in_features  # else F.linear raises the usual error
@@ -163,9 +170,9 @@ class SmallBatchLinear(nn.Module):
             and (b is None or b.is_contiguous())
         ):
             y = torch.empty((*x.shape[:-1], self.out_features))
-            # Looked up per call rather than held by the module: a ctypes pointer would make
-            # the model impossible to deepcopy or pickle.
-            _state["fn"](
+            # fn is looked up per call rather than held by the module: a ctypes pointer would
+            # make the model impossible to deepcopy or pickle.
+            fn(
                 x.data_ptr(),
                 w.data_ptr(),
                 None if b is None else b.data_ptr(),

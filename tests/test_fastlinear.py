@@ -220,6 +220,15 @@ def test_a_failed_build_falls_back_to_f_linear_and_leaves_nothing(tmp_path) -> N
     assert "files: []" in r.stdout  # no half-built library left for the next process
 
 
+def test_an_unwritable_cache_falls_back_with_the_reason(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = _python(_REPORT, MEDGPT_KERNEL_CACHE=str(blocker / "kernels"))
+    assert r.returncode == 0, r.stderr
+    assert "reason: cannot write the kernel cache" in r.stdout and "MEDGPT_KERNEL_CACHE" in r.stdout
+    assert "fast: False" in r.stdout and "tokens: 3" in r.stdout
+
+
 def test_disabled_by_environment(tmp_path) -> None:
     r = _python(_REPORT, MEDGPT_KERNEL_CACHE=str(tmp_path / "k"), MEDGPT_FAST_LINEAR="0")
     assert r.returncode == 0, r.stderr
