@@ -45,6 +45,7 @@ __all__ = [
     "restore_linear",
     "unavailable_reason",
     "use_fast_linear",
+    "uses_fast_linear",
 ]
 
 # Rows (all leading dimensions together) up to which the kernel is used. On this project's
@@ -204,6 +205,11 @@ def use_fast_linear(model: nn.Module) -> int:
                 setattr(module, name, SmallBatchLinear(child))
                 swapped += 1
     return swapped
+
+
+def uses_fast_linear(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is a :class:`SmallBatchLinear`."""
+    return any(isinstance(m, SmallBatchLinear) for m in model.modules())
 
 
 def restore_linear(model: nn.Module) -> int:

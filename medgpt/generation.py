@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from medgpt.fastlinear import SmallBatchLinear, restore_linear, use_fast_linear
+from medgpt.fastlinear import restore_linear, use_fast_linear, uses_fast_linear
 from medgpt.model import GPT, KVCache
 from medgpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -183,7 +183,7 @@ class Engine:
             use_fast_linear(model)
         elif not fast_linear:
             restore_linear(model)
-        self.fast_linear = any(isinstance(m, SmallBatchLinear) for m in model.modules())
+        self.fast_linear = uses_fast_linear(model)
         self.max_len = model.config.block_size
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -480,7 +480,7 @@ def complete(
     was_training = model.training
     # The Engine swaps the linear layers in place; a model being trained gets its own back
     # (same Parameters either way), so a compiled or wrapped training model sees no change.
-    had_fast = any(isinstance(m, SmallBatchLinear) for m in model.modules())
+    had_fast = uses_fast_linear(model)
     try:
         engine = Engine(model, max_batch_size=1)
         params = SamplingParams(

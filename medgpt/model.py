@@ -116,9 +116,9 @@ class _DecodeRows:
     rather than once per layer: how many cache positions the step's attention reads, which of
     them each row may see, and the new entries' slots in a layer's cache."""
 
-    def __init__(self, positions: torch.Tensor, n_head: int, max_len: int) -> None:
+    def __init__(self, positions: torch.Tensor, last: int, n_head: int, max_len: int) -> None:
         B = positions.shape[0]
-        self.length = int(positions.max()) + 1
+        self.length = last + 1  # last = int(positions.max())
         # When every row is at the last position (a request alone, or rows in lockstep) each
         # sees all `length` positions: no mask (SDPA is faster without), and the new entries
         # are one column of the cache.
@@ -302,13 +302,12 @@ class GPT(nn.Module):
         Inference only: dropout is not applied, whatever the module's mode."""
         if idx.dim() != 1 or positions.shape != idx.shape:
             raise ValueError("decode_step takes idx and positions of shape (B,)")
-        if int(positions.max()) >= kv_cache.max_len:
-            raise ValueError(
-                f"position {int(positions.max())} exceeds the cache of {kv_cache.max_len}"
-            )
+        last = int(positions.max())  # one read back per step, shared with _DecodeRows
+        if last >= kv_cache.max_len:
+            raise ValueError(f"position {last} exceeds the cache of {kv_cache.max_len}")
         tr = self.transformer
         x = F.embedding(idx, tr.wte.weight) + F.embedding(positions, tr.wpe.weight)
-        rows = _DecodeRows(positions, self.config.n_head, kv_cache.max_len)
+        rows = _DecodeRows(positions, last, self.config.n_head, kv_cache.max_len)
         for i, block in enumerate(tr.h):
             x = block.decode(x, kv_cache.k[i], kv_cache.v[i], rows)
         return self.lm_head(tr.ln_f(x))
