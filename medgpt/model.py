@@ -216,6 +216,39 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, start)
         return x + self.mlp(self.ln_2(x))
 
+    def prefill(
+        self,
+        x: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: list[int],
+        lengths: list[int],
+    ) -> torch.Tensor:
+        """Several whole prompts packed into ``x`` (total tokens, n_embd), for
+        :meth:`GPT.prefill`: the linear layers see every prompt's tokens at once, attention
+        stays within each prompt, whose keys and values go to its own cache row."""
+        attn = self.attn
+        T, C = x.shape
+        H = attn.n_head
+        qkv = attn.c_attn(self.ln_1(x)).view(T, 3, H, C // H)
+        ys, start = [], 0
+        for row, n in zip(rows, lengths, strict=True):
+            q, k, v = (qkv[start : start + n, j].transpose(0, 1) for j in range(3))
+            k_cache[row, :, :n] = k
+            v_cache[row, :, :n] = v
+            # Attention reads the cache rows, as forward() does for a prompt alone.
+            y = F.scaled_dot_product_attention(
+                q.unsqueeze(0),
+                k_cache[row : row + 1, :, :n],
+                v_cache[row : row + 1, :, :n],
+                is_causal=n > 1,
+            )
+            ys.append(y[0].transpose(0, 1).reshape(n, C))
+            start += n
+        x = x + attn.c_proj(torch.cat(ys))
+        mlp = self.mlp
+        return x + mlp.c_proj(F.gelu(mlp.c_fc(self.ln_2(x)), approximate="tanh"))
+
     def decode(
         self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: _DecodeRows
     ) -> torch.Tensor:
@@ -311,6 +344,30 @@ class GPT(nn.Module):
         for i, block in enumerate(tr.h):
             x = block.decode(x, kv_cache.k[i], kv_cache.v[i], rows)
         return self.lm_head(tr.ln_f(x))
+
+    def prefill(self, prompts: list[list[int]], rows: list[int], kv_cache: KVCache) -> torch.Tensor:
+        """Last-position logits (len(prompts), vocab) for whole prompts, prompt i written into
+        row ``rows[i]`` of ``kv_cache`` from position 0 — the admission of several requests
+        in one pass. Their tokens are packed end to end (no padding) so that each weight
+        matrix is read once for all of them; a row's numbers are those of a prompt alone
+        wherever the linear layers give a row the same result in any batch (the CPU decode
+        kernel does). Inference only: no dropout."""
+        lengths = [len(p) for p in prompts]
+        if not prompts or min(lengths) < 1 or len(rows) != len(prompts):
+            raise ValueError("prefill takes one non-empty prompt per cache row")
+        if max(lengths) > kv_cache.max_len:
+            raise ValueError(
+                f"prompt of {max(lengths)} tokens exceeds the cache of {kv_cache.max_len}"
+            )
+        tr = self.transformer
+        device = tr.wte.weight.device
+        idx = torch.tensor([t for p in prompts for t in p], device=device)
+        pos = torch.cat([torch.arange(n, device=device) for n in lengths])
+        x = F.embedding(idx, tr.wte.weight) + F.embedding(pos, tr.wpe.weight)
+        for i, block in enumerate(tr.h):
+            x = block.prefill(x, kv_cache.k[i], kv_cache.v[i], rows, lengths)
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        return self.lm_head(tr.ln_f(x[last]))
 
     def forward(
         self,

@@ -152,6 +152,91 @@ def test_decode_step_with_the_kernel_matches_the_plain_model() -> None:
         torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
 
 
+def _prefill_alone(model: GPT, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
+    """Each prompt through features() into its own row, as the Engine did before packing."""
+    out = []
+    for r, p in enumerate(prompts):
+        hidden = model.features(torch.tensor([p]), kv_cache=cache.row(r))
+        out.append(model.lm_head(hidden[:, -1])[0])
+    return torch.stack(out)
+
+
+# Lengths 1 to 60, 121 tokens in all: one pack within MAX_ROWS, as the Engine makes them.
+PACK = [list(range(100, 100 + n)) for n in (5, 1, 60, 17, 38)]
+
+
+@needs_kernel
+def test_a_packed_prefill_gives_each_prompt_exactly_its_numbers_alone() -> None:
+    fast = _tiny()
+    use_fast_linear(fast)
+    alone, packed = (KVCache(fast.config, len(PACK), 64) for _ in range(2))
+    rows = [3, 0, 4, 1, 2]  # any rows, not only in order
+    with torch.no_grad():
+        want = _prefill_alone(fast, [PACK[rows.index(r)] for r in range(5)], alone)
+        got = fast.prefill(PACK, rows, packed)
+    for i, r in enumerate(rows):
+        assert torch.equal(got[i], want[r]), i
+    for ka, kb, va, vb in zip(alone.k, packed.k, alone.v, packed.v, strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_a_packed_prefill_matches_the_plain_model() -> None:
+    plain = _tiny()  # F.linear throughout: equal up to float rounding
+    alone, packed = (KVCache(plain.config, len(PACK), 64) for _ in range(2))
+    with torch.no_grad():
+        want = _prefill_alone(plain, PACK, alone)
+        got = plain.prefill(PACK, list(range(len(PACK))), packed)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for ka, kb in zip(alone.k, packed.k, strict=True):
+        torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_prefill_rejects_what_it_cannot_place() -> None:
+    model = _tiny()
+    cache = KVCache(model.config, 2, 16)
+    with torch.no_grad(), pytest.raises(ValueError, match="one non-empty prompt per cache row"):
+        model.prefill([[1, 2], []], [0, 1], cache)
+    with torch.no_grad(), pytest.raises(ValueError, match="one non-empty prompt per cache row"):
+        model.prefill([[1, 2], [3]], [0], cache)
+    with torch.no_grad(), pytest.raises(ValueError, match="exceeds the cache of 16"):
+        model.prefill([list(range(17))], [0], cache)
+
+
+@needs_kernel
+def test_the_engine_packs_admitted_prompts_only_with_the_kernel(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=256)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(8)  # peaked enough that rounding would show
+    calls: list[int] = []
+    real = GPT.prefill
+
+    def counting(self, prompts, rows, kv_cache):
+        calls.append(sum(len(p) for p in prompts))
+        return real(self, prompts, rows, kv_cache)
+
+    monkeypatch.setattr(GPT, "prefill", counting)
+    params = [SamplingParams(max_new_tokens=6, temperature=0.9, seed=i) for i in range(5)]
+    # 60 + 60 + 60 + 10 + 200 tokens: packs of 60+60, 60+10, and the long one alone.
+    prompts = [list(range(1000, 1060))] * 3 + [list(range(7, 17)), list(range(300, 500))]
+    solo = [
+        Engine(model, 1).generate(p, s)["token_ids"] for p, s in zip(prompts, params, strict=True)
+    ]
+    assert calls == []  # one prompt at a time: nothing to pack
+    for fast in (True, False):
+        calls.clear()
+        engine = Engine(model, max_batch_size=5, fast_linear=fast)
+        for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
+            engine.submit(f"r{i}", p, s)
+        tokens: dict[str, list[int]] = {}
+        while engine.has_work:
+            for ev in engine.step():
+                tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
+        assert calls == ([120, 70] if fast else [])
+        if fast:  # bit-identical rows: the same samples as alone
+            assert [tokens[f"r{i}"] for i in range(5)] == solo
+
+
 @needs_kernel
 def test_engine_uses_the_kernel_and_can_be_told_not_to() -> None:
     model = _tiny()
