@@ -162,6 +162,7 @@ class Engine:
         initial_cache_len: int = 256,
         kv_cache_tokens: int | None = None,
         fast_linear: bool = True,
+        pack_prefill: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -184,6 +185,7 @@ class Engine:
         elif not fast_linear:
             restore_linear(model)
         self.fast_linear = uses_fast_linear(model)
+        self.pack_prefill = pack_prefill  # see _packs; False = every prompt alone (a baseline)
         self.max_len = model.config.block_size
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -308,7 +310,7 @@ class Engine:
         passes against ~720 ms one by one, here. Only with the kernel, whose rows come out
         the same in any batch: a packed prompt then samples exactly what it would alone.
         Elsewhere (F.linear, int8's per-tensor activation scale) every prompt goes alone."""
-        if not self.fast_linear:
+        if not (self.fast_linear and self.pack_prefill):
             return [[seq] for seq in admitted]
         packs: list[list[_Sequence]] = []
         tokens = MAX_ROWS + 1
