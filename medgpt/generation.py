@@ -2,7 +2,8 @@
 
 The :class:`Engine` owns one batched KV cache with a row per running request (at most
 ``max_batch_size``). Each :meth:`Engine.step` admits waiting requests (prefilling each prompt
-straight into a free row), then decodes one token for every running request in a single
+straight into a free row; prompts admitted together share a pass where that changes no
+result, see ``_packs``), then decodes one token for every running request in a single
 forward pass, each row at its own position. A request that finishes leaves at once and its row
 is reused by the next one, so nobody waits for the longest request in a batch. Requests are
 submitted and cancelled from any thread; ``step`` runs in one thread at a time (the server runs
