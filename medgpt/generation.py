@@ -289,15 +289,8 @@ class Engine:
             seq.row = len(self._running)
             self._running.append(seq)
         for pack in self._packs(admitted):
-            if len(pack) > 1:
-                rows = [seq.row for seq in pack]
-                logits = self.model.prefill([seq.prompt for seq in pack], rows, self.cache)
-            else:
-                prompt = torch.tensor([pack[0].prompt], device=self.device)
-                # The head on the last position only: logits for every prompt position would
-                # be another 200 MB for a 1,000-token prompt at GPT-2's vocabulary.
-                hidden = self.model.features(prompt, kv_cache=self.cache.row(pack[0].row))
-                logits = self.model.lm_head(hidden[:, -1])
+            rows = [seq.row for seq in pack]
+            logits = self.model.prefill([seq.prompt for seq in pack], rows, self.cache)
             events.extend(self._advance(seq, row) for seq, row in zip(pack, logits, strict=True))
         # Idle: give the memory back (not while requests wait: the next step needs it again).
         if not self._running and not self._waiting:
@@ -305,12 +298,13 @@ class Engine:
         return events
 
     def _packs(self, admitted: list[_Sequence]) -> list[list[_Sequence]]:
-        """Admitted requests grouped for prefill: consecutive prompts whose tokens together
-        fit the decode kernel's rows share one pass (model.prefill), which reads each weight
-        matrix once for all of them. Eight 30-token prompts at GPT-2 124M: ~490 ms in two
-        passes against ~720 ms one by one, here. Only with the kernel, whose rows come out
-        the same in any batch: a packed prompt then samples exactly what it would alone.
-        Elsewhere (F.linear, int8's per-tensor activation scale) every prompt goes alone."""
+        """Admitted requests grouped for prefill, one model.prefill pass per group:
+        consecutive prompts whose tokens together fit the decode kernel's rows share a pass,
+        which reads each weight matrix once for all of them. Eight 30-token prompts at GPT-2
+        124M: ~490 ms in two passes against ~720 ms one by one, here. Only with the kernel,
+        whose rows come out the same in any batch: a packed prompt then samples exactly what
+        it would alone. Elsewhere (F.linear, int8's per-tensor activation scale) every prompt
+        goes alone."""
         if not (self.fast_linear and self.pack_prefill):
             return [[seq] for seq in admitted]
         packs: list[list[_Sequence]] = []

@@ -245,9 +245,7 @@ class Block(nn.Module):
             )
             ys.append(y[0].transpose(0, 1).reshape(n, C))
             start += n
-        x = x + attn.c_proj(torch.cat(ys))
-        mlp = self.mlp
-        return x + mlp.c_proj(F.gelu(mlp.c_fc(self.ln_2(x)), approximate="tanh"))
+        return self._mlp_residual(x + attn.c_proj(torch.cat(ys)))
 
     def decode(
         self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: _DecodeRows
@@ -267,7 +265,11 @@ class Block(nn.Module):
             v_cache[:B, :, : rows.length],
             attn_mask=rows.mask,
         )
-        x = x + attn.c_proj(y.view(B, C))  # y is (B, n_head, 1, head_dim), contiguous
+        return self._mlp_residual(x + attn.c_proj(y.view(B, C)))  # y: (B, n_head, 1, head_dim)
+
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + mlp(ln_2(x))`` as :meth:`forward` computes it, without the modules' dropout
+        and call overhead (for :meth:`decode` and :meth:`prefill`)."""
         mlp = self.mlp
         return x + mlp.c_proj(F.gelu(mlp.c_fc(self.ln_2(x)), approximate="tanh"))
 
@@ -351,7 +353,9 @@ class GPT(nn.Module):
         in one pass. Their tokens are packed end to end (no padding) so that each weight
         matrix is read once for all of them; a row's numbers are those of a prompt alone
         wherever the linear layers give a row the same result in any batch (the CPU decode
-        kernel does). Inference only: no dropout."""
+        kernel does). The head runs on the last positions only: logits for every position
+        would be another 200 MB for a 1,000-token prompt at GPT-2's vocabulary. Inference
+        only: no dropout."""
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) < 1 or len(rows) != len(prompts):
             raise ValueError("prefill takes one non-empty prompt per cache row")
