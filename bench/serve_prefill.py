@@ -5,8 +5,8 @@ step), the serving engine admits them in one step and prefills their prompts. Pa
 (``Engine(..., pack_prefill=True)``, the default with the CPU decode kernel), consecutive
 prompts of up to ``medgpt.fastlinear.MAX_ROWS`` tokens together go through the model in one
 pass (``GPT.prefill``), so each weight matrix is read once for all of them. The baseline,
-``pack_prefill=False``, is what the engine did before: each prompt alone through
-``GPT.features`` into its cache row.
+``pack_prefill=False``, is what the engine did before: each prompt alone into its cache row
+(a pass of one prompt; the same arithmetic as ``GPT.features``).
 
 One GPT-2-shaped model (random init, ``torch.manual_seed(0)``; speed does not depend on what the
 weights learned), float32, CPU, the decode kernel on, 2 torch threads by default. Per round and
