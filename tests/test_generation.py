@@ -242,6 +242,51 @@ def test_sampling_follows_the_distribution(model) -> None:
     assert [round(c / 3000, 1) for c in counts] == [0.6, 0.3, 0.1]
 
 
+MIXED = [  # one row of each kind the engine batches together
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0.8),
+    SamplingParams(temperature=1.5, top_k=5),
+    SamplingParams(temperature=0.7, top_p=0.9),
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=1.0, top_k=40, top_p=0.5),
+]
+
+
+def test_a_batch_samples_each_row_as_it_would_alone() -> None:
+    from medgpt.generation import sample_batch, sample_token
+
+    torch.manual_seed(0)
+    logits = torch.randn(len(MIXED), 50257) * 4
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed * 10 + i) for i in range(len(MIXED))]
+        batched = sample_batch(logits, MIXED, gens)
+        alone = [
+            sample_token(logits[i], p, torch.Generator().manual_seed(seed * 10 + i))
+            for i, p in enumerate(MIXED)
+        ]
+        assert batched == alone
+        # Each generator gave exactly one draw (none for greedy rows): the next is the same
+        # as a fresh generator's second.
+        for i, (g, p) in enumerate(zip(gens, MIXED, strict=True)):
+            fresh = torch.Generator().manual_seed(seed * 10 + i)
+            if p.temperature:
+                torch.rand((), generator=fresh, dtype=torch.float64)
+            assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=fresh))
+    assert batched[0] == int(logits[0].argmax()) and batched[4] == int(logits[4].argmax())
+
+
+def test_a_batch_rejects_params_that_do_not_match_its_rows() -> None:
+    from medgpt.generation import sample_batch
+
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match=r"logits \(B, V\) and B params and generators"):
+        sample_batch(torch.zeros(2, 10), [SamplingParams()], [gen])
+    with pytest.raises(ValueError, match=r"logits \(B, V\) and B params and generators"):
+        sample_batch(torch.zeros(2, 10), [SamplingParams()] * 2, [gen])
+    with pytest.raises(ValueError, match=r"logits \(B, V\) and B params and generators"):
+        sample_batch(torch.zeros(10), [SamplingParams()], [gen])
+
+
 def test_complete_keeps_its_contract(model) -> None:
     text = complete(
         model, "Asthma " * 200, max_new_tokens=20, seed=3
