@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -194,32 +195,34 @@ def _actor_cpus() -> int:
 @serve.ingress(app)
 class MedgptServer:
     def __init__(self, config: dict[str, Any]) -> None:
-        import torch
-
-        from medgpt.checkpoint import load_model, read_meta
-        from medgpt.evaluation import resolve_checkpoint, resolve_device
+        from medgpt.checkpoint import read_meta
+        from medgpt.evaluation import resolve_checkpoint
         from medgpt.tracking import tracking_uri_for
 
         cfg = ServeConfig(**config)
-        torch.set_num_threads(cfg.threads or _actor_cpus())  # Ray sets OMP_NUM_THREADS=1
+        self.cfg = cfg
         storage = Path(cfg.storage_path)
         uri = tracking_uri_for(str(storage), cfg.tracking_uri)
         path, registry = resolve_checkpoint(cfg.checkpoint, uri, storage / "downloads")
-        device = resolve_device(cfg.device)
-        model = load_model(path, device=device)
-        if cfg.int8:
-            from medgpt.quantize import quantize_int8
-
-            model = quantize_int8(model)
-        meta = read_meta(path)
-        self.cfg = cfg
-        self.engine = Engine(
-            model,
-            cfg.max_batch_size,
-            cfg.max_queue,
-            kv_cache_tokens=cfg.kv_cache_tokens,
-            fast_linear=cfg.fast_linear,
+        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._metrics()
+        self._event_loop = asyncio.get_running_loop()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        # Every torch operation of the replica (load, warm-up, steps) runs in this one thread.
+        # OpenMP (libgomp) gives each thread that starts parallel regions a pool of its own;
+        # with two pools it manages more threads than the replica has CPUs and stops spinning
+        # at barriers: every region then sleeps and wakes its threads. Loading in __init__'s
+        # thread and stepping here did that: ~100 futex sleeps per step and steps ~10% slower
+        # in a probe, and Serve at 8 streams left a third of a core idle.
+        ready: Future[Any] = Future()
+        self._stepper = threading.Thread(
+            target=self._engine_thread, args=(path, ready), name="medgpt-engine", daemon=True
         )
+        self._stepper.start()
+        model = ready.result()  # re-raises what loading or the warm-up raised
+        meta = read_meta(path)
         self.context = model.config.block_size
         self.model_id = f"{registry['name']}/{registry['version']}" if registry else Path(path).name
         self.model_card = {
@@ -240,15 +243,36 @@ class MedgptServer:
             "int8": cfg.int8,
             "fast_linear": self.engine.fast_linear,
         }
-        self.engine.generate("warm up", SamplingParams(max_new_tokens=2, temperature=0))
-        self._queues: dict[str, asyncio.Queue[Event]] = {}
-        self._metrics()
-        self._event_loop = asyncio.get_running_loop()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._failure: BaseException | None = None
-        self._stepper = threading.Thread(target=self._step_loop, name="medgpt-engine", daemon=True)
-        self._stepper.start()
+
+    def _engine_thread(self, path: str, ready: "Future[Any]") -> None:
+        """Loads the model, builds and warms up the engine, hands the model to ``__init__``
+        through ``ready``, then runs the step loop."""
+        try:
+            import torch
+
+            from medgpt.checkpoint import load_model
+            from medgpt.evaluation import resolve_device
+
+            cfg = self.cfg
+            torch.set_num_threads(cfg.threads or _actor_cpus())  # Ray sets OMP_NUM_THREADS=1
+            model = load_model(path, device=resolve_device(cfg.device))
+            if cfg.int8:
+                from medgpt.quantize import quantize_int8
+
+                model = quantize_int8(model)
+            self.engine = Engine(
+                model,
+                cfg.max_batch_size,
+                cfg.max_queue,
+                kv_cache_tokens=cfg.kv_cache_tokens,
+                fast_linear=cfg.fast_linear,
+            )
+            self.engine.generate("warm up", SamplingParams(max_new_tokens=2, temperature=0))
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(model)
+        self._step_loop()
 
     def _metrics(self) -> None:
         from ray.serve import metrics
