@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from medgpt.config import ConfigError, ModelConfig, from_mapping
 from medgpt.errors import WeightsError
+from medgpt.fastlinear import SmallBatchLinear, decode_attention
 
 
 class KVCache:
@@ -114,32 +115,66 @@ class KVCache:
 class _DecodeRows:
     """Where each row's new token goes in a batched decode step, worked out once per step
     rather than once per layer: how many cache positions the step's attention reads, which of
-    them each row may see, and the new entries' slots in a layer's cache."""
+    them each row may see, and the new entries' slots in a layer's cache.
 
-    def __init__(self, positions: torch.Tensor, last: int, n_head: int, max_len: int) -> None:
-        B = positions.shape[0]
+    With ``fast`` (the model's linear layers are on the CPU decode kernel) attention goes to
+    :func:`medgpt.fastlinear.decode_attention`, which needs only the positions."""
+
+    def __init__(
+        self, positions: torch.Tensor, last: int, n_head: int, max_len: int, fast: bool = False
+    ) -> None:
+        self.positions, self.n_head, self.max_len, self.fast = positions, n_head, max_len, fast
         self.length = last + 1  # last = int(positions.max())
+        self.mask: torch.Tensor | None = None
+        self.flat: torch.Tensor | None = None
+        self._planned = False
+        if not fast:
+            self._plan()
+
+    def _plan(self) -> None:
         # When every row is at the last position (a request alone, or rows in lockstep) each
         # sees all `length` positions: no mask (SDPA is faster without), and the new entries
         # are one column of the cache.
-        self.mask: torch.Tensor | None = None
-        self.flat: torch.Tensor | None = None
+        self._planned = True
+        positions, B = self.positions, self.positions.shape[0]
         if bool((positions != self.length - 1).any()):
             pos = torch.arange(self.length, device=positions.device)
             self.mask = (pos <= positions[:, None])[:, None, None, :]
             # Slots in a layer's cache viewed as (B * n_head * max_len, head_dim).
-            row = torch.arange(B, device=positions.device)[:, None] * (n_head * max_len)
-            head = torch.arange(n_head, device=positions.device)[None, :] * max_len
+            row = torch.arange(B, device=positions.device)[:, None] * (self.n_head * self.max_len)
+            head = torch.arange(self.n_head, device=positions.device)[None, :] * self.max_len
             self.flat = (row + head + positions[:, None]).reshape(-1)
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         """Store ``new`` (B, n_head, head_dim) into ``cache`` (rows, n_head, max_len, head_dim)."""
+        if not self._planned:
+            self._plan()
         if self.flat is None:
             cache[: new.shape[0], :, self.length - 1] = new
         else:
             cache.view(-1, cache.shape[-1]).index_copy_(
                 0, self.flat, new.reshape(-1, new.shape[-1])
             )
+
+    def attend(
+        self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """The new keys and values of ``qkv`` (B, 3, n_head, head_dim) stored in the caches,
+        and each row's attention over its own positions: (B, n_head, head_dim)."""
+        if self.fast:
+            y = decode_attention(qkv, k_cache, v_cache, self.positions)
+            if y is not None:
+                return y
+        B = qkv.shape[0]
+        self.write(k_cache, qkv[:, 1])  # plans the mask too, where fast had skipped it
+        self.write(v_cache, qkv[:, 2])
+        y = F.scaled_dot_product_attention(
+            qkv[:, 0].unsqueeze(2),
+            k_cache[:B, :, : self.length],
+            v_cache[:B, :, : self.length],
+            attn_mask=self.mask,
+        )
+        return y.squeeze(2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -257,15 +292,8 @@ class Block(nn.Module):
         attn = self.attn
         B, C = x.shape
         qkv = attn.c_attn(self.ln_1(x)).view(B, 3, attn.n_head, C // attn.n_head)
-        rows.write(k_cache, qkv[:, 1])
-        rows.write(v_cache, qkv[:, 2])
-        y = F.scaled_dot_product_attention(
-            qkv[:, 0].unsqueeze(2),
-            k_cache[:B, :, : rows.length],
-            v_cache[:B, :, : rows.length],
-            attn_mask=rows.mask,
-        )
-        return self._mlp_residual(x + attn.c_proj(y.view(B, C)))  # y: (B, n_head, 1, head_dim)
+        y = rows.attend(qkv, k_cache, v_cache)  # (B, n_head, head_dim)
+        return self._mlp_residual(x + attn.c_proj(y.reshape(B, C)))
 
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         """``x + mlp(ln_2(x))`` as :meth:`forward` computes it, without the modules' dropout
@@ -342,7 +370,9 @@ class GPT(nn.Module):
             raise ValueError(f"position {last} exceeds the cache of {kv_cache.max_len}")
         tr = self.transformer
         x = F.embedding(idx, tr.wte.weight) + F.embedding(positions, tr.wpe.weight)
-        rows = _DecodeRows(positions, last, self.config.n_head, kv_cache.max_len)
+        # The CPU decode kernel's attention goes with its linear layers (use_fast_linear).
+        fast = isinstance(tr.h[0].attn.c_attn, SmallBatchLinear) if len(tr.h) else False
+        rows = _DecodeRows(positions, last, self.config.n_head, kv_cache.max_len, fast)
         for i, block in enumerate(tr.h):
             x = block.decode(x, kv_cache.k[i], kv_cache.v[i], rows)
         return self.lm_head(tr.ln_f(x))

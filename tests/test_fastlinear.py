@@ -18,7 +18,7 @@ from medgpt import fastlinear
 from medgpt.config import ModelConfig
 from medgpt.fastlinear import MAX_ROWS, SmallBatchLinear, restore_linear, use_fast_linear
 from medgpt.generation import Engine, SamplingParams
-from medgpt.model import GPT, KVCache
+from medgpt.model import GPT, KVCache, _DecodeRows
 from medgpt.quantize import is_quantized, quantize_int8
 from tests.conftest import REPO
 
@@ -149,6 +149,87 @@ def test_decode_step_with_the_kernel_matches_the_plain_model() -> None:
         b = fast.decode_step(idx, pos, caches[1])
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for ka, kb in zip(caches[0].k, caches[1].k, strict=True):
+        torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+
+
+def _attention_case(B: int = 5, rows: int = 7, H: int = 3, T: int = 40, D: int = 20):
+    """qkv and caches for a decode step whose rows sit at different positions (0, T - 1 and
+    two rows at the same one included); D is not a multiple of 8, so the tails run too."""
+    torch.manual_seed(1)
+    qkv = torch.randn(B, 3, H, D)
+    k, v = torch.randn(rows, H, T, D), torch.randn(rows, H, T, D)
+    pos = torch.tensor([0, 5, T - 1, 17, 17][:B])
+    return qkv, k, v, pos
+
+
+@needs_kernel
+def test_decode_attention_matches_sdpa_over_each_rows_own_positions() -> None:
+    qkv, k, v, pos = _attention_case()
+    k_ref, v_ref = k.clone(), v.clone()
+    with torch.no_grad():
+        got = fastlinear.decode_attention(qkv, k, v, pos)
+        want = _DecodeRows(pos, int(pos.max()), 3, 40, fast=False).attend(qkv, k_ref, v_ref)
+    assert got is not None and got.shape == (5, 3, 20)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The new keys and values are where the plain path puts them, and nothing else moved.
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert torch.equal(k[1, :, 5], qkv[1, 1]) and torch.equal(v[2, :, 39], qkv[2, 2])
+
+
+@needs_kernel
+def test_decode_attention_gives_a_row_the_same_numbers_in_any_batch() -> None:
+    qkv, k, v, pos = _attention_case()
+    with torch.no_grad():
+        batched = fastlinear.decode_attention(qkv, k.clone(), v.clone(), pos)
+        for b in range(5):
+            alone = fastlinear.decode_attention(
+                qkv[b : b + 1].contiguous(),
+                k[b : b + 1].clone(),
+                v[b : b + 1].clone(),
+                pos[b : b + 1],
+            )
+            assert torch.equal(alone[0], batched[b]), b
+
+
+@needs_kernel
+def test_decode_attention_refuses_what_it_cannot_do_and_writes_nothing() -> None:
+    qkv, k, v, pos = _attention_case()
+    k0, v0 = k.clone(), v.clone()
+    with torch.no_grad():
+        for bad in ([0, 5, 40, 1, 1], [0, -1, 3, 1, 1]):
+            with pytest.raises(ValueError, match=r"positions must be in 0\.\.39"):
+                fastlinear.decode_attention(qkv, k, v, torch.tensor(bad))
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+        # Not its case: the caller falls back to SDPA.
+        assert fastlinear.decode_attention(qkv.double(), k.double(), v.double(), pos) is None
+        assert fastlinear.decode_attention(qkv, k[:, :, :30], v[:, :, :30], pos) is None
+        assert fastlinear.decode_attention(qkv, k, v, pos.int()) is None
+        assert fastlinear.decode_attention(qkv, k[:4], v[:4], pos) is None  # fewer cache rows
+    assert fastlinear.decode_attention(qkv, k, v, pos) is None  # autograd on
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@needs_kernel
+def test_decode_step_with_rows_at_different_positions_matches_the_plain_model() -> None:
+    """Continuous batching: the kernel's attention (each row over its own positions) against
+    the plain model's SDPA with a mask, logits and caches, over several steps."""
+    plain = _tiny()
+    fast = copy.deepcopy(plain)
+    use_fast_linear(fast)
+    lengths = [3, 9, 1, 6]
+    caches = [KVCache(plain.config, 4, 32) for _ in range(2)]
+    with torch.no_grad():
+        for m, c in zip((plain, fast), caches, strict=True):
+            for r, n in enumerate(lengths):
+                m.features(torch.arange(100, 100 + n)[None], kv_cache=c.row(r))
+        pos = torch.tensor(lengths)
+        for _ in range(4):
+            idx = torch.randint(0, 50257, (4,))
+            a = plain.decode_step(idx, pos, caches[0])
+            b = fast.decode_step(idx, pos, caches[1])
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            pos = pos + 1
+    for ka, kb in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
         torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
 
 
@@ -301,7 +382,7 @@ def test_a_failed_build_falls_back_to_f_linear_and_leaves_nothing(tmp_path) -> N
     cache = tmp_path / "kernels"
     r = _python(_REPORT, MEDGPT_KERNEL_CACHE=str(cache), CC="/bin/false")
     assert r.returncode == 0, r.stderr
-    assert "reason: /bin/false failed to build small_linear.c" in r.stdout
+    assert "reason: /bin/false failed to build small_linear.c, decode_attention.c" in r.stdout
     assert "fast: False" in r.stdout and "tokens: 3" in r.stdout
     assert "files: []" in r.stdout  # no half-built library left for the next process
 
@@ -329,7 +410,7 @@ def test_builds_once_into_the_cache(tmp_path) -> None:
     assert first.returncode == 0, first.stderr
     assert "reason: None" in first.stdout and "fast: True" in first.stdout
     (built,) = list(cache.iterdir())
-    assert built.name.startswith("small_linear-") and built.suffix == ".so"
+    assert built.name.startswith("medgpt_kernels-") and built.suffix == ".so"
     mtime = built.stat().st_mtime_ns
     # A second process loads the library it finds; a missing compiler does not matter then.
     second = _python(_REPORT, MEDGPT_KERNEL_CACHE=str(cache), CC="/bin/false")
