@@ -1,9 +1,9 @@
 """Ray Serve application: the champion model behind an OpenAI-compatible HTTP API.
 
-One replica holds one :class:`medgpt.generation.Engine`. A thread of its own runs the
-engine's steps back to back and hands each step's events to the replica's event loop, which
-stays free to accept requests, stream tokens and notice disconnects; each request has an
-``asyncio.Queue`` its handler drains. New requests join the running batch at the next step.
+One replica holds one :class:`medgpt.generation.Engine`. A thread of its own loads the
+model, then runs the engine's steps back to back and hands each step's events to the
+replica's event loop, which stays free to accept requests, stream tokens and notice
+disconnects; each request has an ``asyncio.Queue`` its handler drains. New requests join the running batch at the next step.
 The engine never waits for the event loop: with the loop awaiting each step instead
 (``asyncio.to_thread``), the next step started only once the loop had streamed the last one's
 tokens, and at 8 streams the cores sat ~15% idle.
