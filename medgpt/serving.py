@@ -3,10 +3,10 @@
 One replica holds one :class:`medgpt.generation.Engine`. A thread of its own loads the
 model, then runs the engine's steps back to back and hands each step's events to the
 replica's event loop, which stays free to accept requests, stream tokens and notice
-disconnects; each request has an ``asyncio.Queue`` its handler drains. New requests join the running batch at the next step.
-The engine never waits for the event loop: with the loop awaiting each step instead
-(``asyncio.to_thread``), the next step started only once the loop had streamed the last one's
-tokens, and at 8 streams the cores sat ~15% idle.
+disconnects; each request has an ``asyncio.Queue`` its handler drains. New requests join the
+running batch at the next step. The engine never waits for the event loop: with the loop
+awaiting each step instead (``asyncio.to_thread``), the next step started only once the loop
+had streamed the last one's tokens, and at 8 streams the cores sat ~15% idle.
 
 Routes: ``POST /v1/completions`` (OpenAI), ``POST /generate`` and ``POST /generate/stream``
 (the web page's JSON and SSE API), ``GET /v1/models``, ``GET /healthz``. Every body is
@@ -214,8 +214,8 @@ class MedgptServer:
         # OpenMP (libgomp) gives each thread that starts parallel regions a pool of its own;
         # with two pools it manages more threads than the replica has CPUs and stops spinning
         # at barriers: every region then sleeps and wakes its threads. Loading in __init__'s
-        # thread and stepping here did that: ~100 futex sleeps per step and steps ~10% slower
-        # in a probe, and Serve at 8 streams left a third of a core idle.
+        # thread and stepping here did that: 65-100 futex sleeps a step, steps ~10% slower in
+        # a probe, and at 8 streams a third of a core idle and c=8 7% slower in Serve.
         ready: Future[Any] = Future()
         self._stepper = threading.Thread(
             target=self._engine_thread, args=(path, ready), name="medgpt-engine", daemon=True

@@ -351,3 +351,49 @@ def test_metrics_are_exported_through_ray(server) -> None:
     text = wait_for(exported, 60, "medgpt metrics on Ray's Prometheus endpoint", interval=2)
     for name in ("medgpt_inter_token_latency_s", "medgpt_request_latency_s", "medgpt_batch_size"):
         assert name in text, name
+
+
+# Serve's ingress wrapper has an async __del__, which only a replica's shutdown awaits.
+@pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__' was never awaited")
+def test_the_replica_does_all_its_torch_work_in_the_engine_thread(
+    server, tmp_path, monkeypatch
+) -> None:
+    """Every thread that starts OpenMP regions gets a libgomp pool of its own, and with two
+    pools the runtime stopped spinning at barriers (see MedgptServer.__init__): loading, the
+    warm-up and every step must run in the one engine thread. The replica class is built here
+    in the test process, as Serve builds it in a replica, with spies on those three calls."""
+    import asyncio
+
+    import medgpt.checkpoint
+    from medgpt.serving import GenerateRequest, MedgptServer
+
+    seen: dict[str, set[str]] = {"load_model": set(), "generate": set(), "step": set()}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen[name].add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(medgpt.checkpoint, "load_model", spy("load_model", load_model))
+    monkeypatch.setattr(Engine, "generate", spy("generate", Engine.generate))
+    monkeypatch.setattr(Engine, "step", spy("step", Engine.step))
+    cls = MedgptServer.func_or_class
+    config = {"checkpoint": str(server["checkpoint"]), "storage_path": str(tmp_path), "threads": 1}
+
+    async def serve_one() -> dict:
+        replica = cls.__new__(cls)
+        await cls.__init__(replica, config)  # Serve's ingress wrapper has an async __init__
+        try:
+            body = GenerateRequest(prompt="Asthma", max_new_tokens=3, temperature=0)
+            return await replica.generate(body)
+        finally:
+            replica._stop.set()
+            replica._wake.set()
+            replica._stepper.join(timeout=30)
+
+    out = asyncio.run(serve_one())
+    assert out["completion_tokens"] == 3
+    assert seen == {"load_model": {"medgpt-engine"}, "generate": {"medgpt-engine"},
+                    "step": {"medgpt-engine"}}  # fmt: skip
