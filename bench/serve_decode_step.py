@@ -30,28 +30,18 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+from _common import decode_kernel_missing, peak_rss_mib  # also puts the repo on sys.path
 
 METHODS = {
     "kernel": "kernel attention (decode_attention)",
     "sdpa": "SDPA + mask (baseline)",
 }
-
-
-def _peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 @contextmanager
@@ -125,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    if fastlinear.kernel() is None:
-        print(f"the decode kernel is unavailable ({fastlinear.unavailable_reason()}): nothing "
-              "to compare", file=sys.stderr)  # fmt: skip
+    if decode_kernel_missing("nothing to compare"):
         return 1
     cfg = ModelConfig.preset(a.size)
     longest = a.prompt_tokens + 2 * (max(batches) - 1) + a.steps
@@ -181,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
               f"largest logit difference {res['max_abs_logit_diff']:.1e}")  # fmt: skip
     ok = all(r["max_abs_logit_diff"] < 1e-3 for r in results)
     print(f"same logits to float32 rounding: {'yes' if ok else 'NO'}; peak RSS "
-          f"{_peak_rss_mib():,.0f} MiB; load average before "
+          f"{peak_rss_mib():,.0f} MiB; load average before "
           f"{' '.join(f'{x:.2f}' for x in load_before)}")  # fmt: skip
     if a.json:
         a.json.write_text(json.dumps({
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-            "results": results, "peak_rss_mib": _peak_rss_mib(),
+            "results": results, "peak_rss_mib": peak_rss_mib(),
             "load_average_before": load_before, "threads": torch.get_num_threads(),
         }, indent=2) + "\n")  # fmt: skip
     return 0 if ok else 1

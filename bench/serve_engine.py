@@ -45,7 +45,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -57,10 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+from _common import REPO, peak_rss_mib  # also puts the repo on sys.path
 
 METHODS = {
     "engine_fp32": "medgpt Engine fp32",
@@ -81,11 +77,6 @@ def _rss_now_mib() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _set_threads(threads: int) -> int:
@@ -235,7 +226,7 @@ def _worker_main(conn: Connection, method: str, folder: str, args: dict[str, Any
                                  "tokens": tokens}))  # fmt: skip
         conn.send(("done", facts | {"threads": threads, "base_rss_mib": base_rss,
                                     "ready_rss_mib": ready_rss, "end_rss_mib": _rss_now_mib(),
-                                    "peak_rss_mib": _peak_rss_mib()}))  # fmt: skip
+                                    "peak_rss_mib": peak_rss_mib()}))  # fmt: skip
     except Exception:
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -303,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default")
-    p.add_argument("--checkpoint", default=str(_REPO / "runs/tiny-cpu/step-000150"),
+    p.add_argument("--checkpoint", default=str(REPO / "runs/tiny-cpu/step-000150"),
                    help="trained checkpoint for the loss change (skipped if missing)")  # fmt: skip
-    p.add_argument("--data", default=str(_REPO / "data/icd10cm"), help="prepared dataset")
+    p.add_argument("--data", default=str(REPO / "data/icd10cm"), help="prepared dataset")
     p.add_argument("--split", default="val")
     p.add_argument("--loss-documents", type=int, default=30, help="first N documents")
     p.add_argument("--json", type=Path, help="write the figures here too")

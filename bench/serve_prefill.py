@@ -26,17 +26,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+from _common import decode_kernel_missing, peak_rss_mib  # also puts the repo on sys.path
 
 TEXT = (
     "The patient is a 64-year-old man with type 2 diabetes mellitus, hypertension and chronic "
@@ -45,11 +40,6 @@ TEXT = (
     "tightness and shortness of breath, often worse at night or early in the morning. "
 )
 METHODS = {"packed": "packed prefill (GPT.prefill)", "alone": "one prompt at a time (baseline)"}
-
-
-def _peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def prompts(n: int, tokens: int) -> list[list[int]]:
@@ -87,16 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.requests < 1 or a.prompt_tokens < 1 or a.rounds < 1 or a.threads < 0:
         ap.error("--requests, --prompt-tokens and --rounds must be >= 1, --threads >= 0")
 
-    from medgpt import fastlinear
     from medgpt.config import ModelConfig
     from medgpt.generation import Engine, SamplingParams
     from medgpt.model import GPT
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    if fastlinear.kernel() is None:
-        print(f"the decode kernel is unavailable ({fastlinear.unavailable_reason()}): the engine "
-              "packs prompts only with it, so there is nothing to compare", file=sys.stderr)  # fmt: skip
+    if decode_kernel_missing("the engine packs prompts only with it, so nothing to compare"):
         return 1
     cfg = ModelConfig.preset(a.size)
     if a.prompt_tokens + 1 > cfg.block_size:
@@ -131,14 +118,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{med['alone'] / med[m]:>11.2f}x")  # fmt: skip
     print("per round (ms): " + "; ".join(
         f"{m} " + " / ".join(f"{t * 1e3:.0f}" for t in ts) for m, ts in times.items()))  # fmt: skip
-    print(f"same first tokens: {'yes' if same else 'NO'}; peak RSS {_peak_rss_mib():,.0f} MiB "
+    print(f"same first tokens: {'yes' if same else 'NO'}; peak RSS {peak_rss_mib():,.0f} MiB "
           f"(one model, both engines' caches); load average before "
           f"{' '.join(f'{x:.2f}' for x in load_before)}")  # fmt: skip
     if a.json:
         a.json.write_text(json.dumps({
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
             "median_s": med, "rounds_s": times, "speedup": med["alone"] / med["packed"],
-            "same_first_tokens": same, "peak_rss_mib": _peak_rss_mib(),
+            "same_first_tokens": same, "peak_rss_mib": peak_rss_mib(),
             "load_average_before": load_before, "threads": torch.get_num_threads(),
         }, indent=2) + "\n")  # fmt: skip
     return 0 if same else 1
