@@ -22,7 +22,6 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from medgpt.config import ConfigError, ModelConfig, from_mapping
 from medgpt.errors import CheckpointError
+from medgpt.fsutil import staged_dir
 from medgpt.model import GPT
 from medgpt.tokenizer import TOKENIZER_NAME
 
@@ -68,9 +68,7 @@ def save_checkpoint(
     if not isinstance(model, GPT):
         raise TypeError(f"expected a medgpt GPT, got {type(model).__name__}")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         state = {
             k: v.detach().to("cpu").contiguous()
             for k, v in model.state_dict().items()
@@ -87,12 +85,6 @@ def save_checkpoint(
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -231,3 +223,35 @@ def best_in_run(run_dir: str | os.PathLike[str]) -> Path:
         return (loss, -float(meta.get("step") or 0))
 
     return min(found, key=key)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device on this machine (use cpu or auto)")
+    return torch.device(name)
+
+
+def resolve_checkpoint(spec: str, uri: str, cache_dir: Path) -> tuple[Path, dict | None]:
+    """A local folder for any way of naming a model; see ``medgpt evaluate --help``."""
+    from medgpt import tracking  # MLflow: imported only when a reference needs it
+
+    if spec.startswith("models:/"):
+        return tracking.fetch_registered(uri, spec, cache_dir)
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{spec}: a file; expected a checkpoint or run folder")
+        if is_checkpoint(path) or (path / "config.json").is_file():
+            return path, None  # ours, or a Hugging Face folder (checked when loaded)
+        return best_in_run(path), None
+    if tracking.is_run_reference(spec):
+        folder, _ = tracking.fetch_run_checkpoint(uri, spec, cache_dir)
+        return folder, None
+    raise CheckpointError(
+        f"no such checkpoint: {spec} (expected a checkpoint folder, a training run folder, a "
+        "Hugging Face GPT-2 folder, an MLflow run id / runs:/ID, or models:/NAME@ALIAS | "
+        "models:/NAME/VERSION)"
+    )

@@ -19,10 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -34,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from medgpt.checkpoint import resolve_checkpoint, resolve_device
 from medgpt.config import ConfigError
 from medgpt.errors import DataError
+from medgpt.fsutil import staged_dir
 from medgpt.model import GPT
 from medgpt.tokenizer import EOT_ID, N_VOCAB, TOKENIZER_NAME
 
@@ -73,14 +72,6 @@ class EvalConfig:
             raise ConfigError(f"sample_tokens: must be >= 1, got {self.sample_tokens}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r} (allowed: auto, cpu, cuda, cuda:N)")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}: no CUDA device on this machine (use cpu or auto)")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,31 +462,6 @@ class Candidate:
         }
 
 
-def resolve_checkpoint(spec: str, uri: str, cache_dir: Path) -> tuple[Path, dict | None]:
-    """A local folder for any way of naming a model; see ``medgpt evaluate --help``."""
-    from medgpt import tracking
-    from medgpt.checkpoint import best_in_run, is_checkpoint
-    from medgpt.errors import CheckpointError
-
-    if spec.startswith("models:/"):
-        return tracking.fetch_registered(uri, spec, cache_dir)
-    path = Path(spec)
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{spec}: a file; expected a checkpoint or run folder")
-        if is_checkpoint(path) or (path / "config.json").is_file():
-            return path, None  # ours, or a Hugging Face folder (checked when loaded)
-        return best_in_run(path), None
-    if tracking.is_run_reference(spec):
-        folder, _ = tracking.fetch_run_checkpoint(uri, spec, cache_dir)
-        return folder, None
-    raise CheckpointError(
-        f"no such checkpoint: {spec} (expected a checkpoint folder, a training run folder, a "
-        "Hugging Face GPT-2 folder, an MLflow run id / runs:/ID, or models:/NAME@ALIAS | "
-        "models:/NAME/VERSION)"
-    )
-
-
 def load_candidate(
     label: str, spec: str, uri: str, cache_dir: Path, device: torch.device
 ) -> Candidate:
@@ -694,18 +660,10 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
     """Write report.json, report.md and per_source_loss.png into ``out`` atomically (a
     staging folder renamed into place; a previous report there is replaced)."""
     _check_report_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
         per_source_png(report, tmp / "per_source_loss.png")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

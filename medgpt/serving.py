@@ -195,8 +195,7 @@ def _actor_cpus() -> int:
 @serve.ingress(app)
 class MedgptServer:
     def __init__(self, config: dict[str, Any]) -> None:
-        from medgpt.checkpoint import read_meta
-        from medgpt.evaluation import resolve_checkpoint
+        from medgpt.checkpoint import read_meta, resolve_checkpoint
         from medgpt.tracking import tracking_uri_for
 
         cfg = ServeConfig(**config)
@@ -250,8 +249,7 @@ class MedgptServer:
         try:
             import torch
 
-            from medgpt.checkpoint import load_model
-            from medgpt.evaluation import resolve_device
+            from medgpt.checkpoint import load_model, resolve_device
 
             cfg = self.cfg
             torch.set_num_threads(cfg.threads or _actor_cpus())  # Ray sets OMP_NUM_THREADS=1
@@ -584,8 +582,7 @@ def build_app(args: dict[str, Any], deployment: dict[str, Any] | None = None) ->
     Runs on the driver: relative paths become absolute (replicas run in another cwd), and the
     checkpoint is resolved here first, so a wrong path or registry name fails at once with
     one line instead of as a replica that keeps crashing."""
-    from medgpt.checkpoint import read_config
-    from medgpt.evaluation import resolve_checkpoint
+    from medgpt.checkpoint import read_config, resolve_checkpoint
     from medgpt.tracking import tracking_uri_for
 
     cfg = ServeConfig(**(args or {}))

@@ -1,0 +1,58 @@
+"""Helpers the test suite and the benchmarks share (ports, waiting, memory readings).
+
+They live in the package, not under ``tests/`` or ``bench/``, so that both import them the
+same way from an installed medgpt, with no ``sys.path`` edits and no test module importing
+another. Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["free_port", "peak_rss_mib", "wait_for", "wait_http"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); after ``timeout``
+    seconds, ``TimeoutError`` naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_http(url: str, timeout: float, alive: Callable[[], bool] | None = None) -> None:
+    """Wait until ``url`` answers 2xx/3xx; stop early (``TimeoutError``) once ``alive()`` says
+    the process that should answer has gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if alive is not None and not alive():
+                raise TimeoutError(f"{url}: the server stopped before it answered") from None
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``ru_maxrss``) in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes there, KiB here
