@@ -212,10 +212,10 @@ def _serve_until_interrupted(
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     web = None
     try:
-        config = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
-        serve_url = deploy_serve(
-            config, checkpoint, storage_path, port=serve_port, num_cpus=serve_cpus
-        )
+        from medgpt.serving import deploy
+
+        overrides = {"checkpoint": checkpoint, "storage_path": storage_path, "num_cpus": serve_cpus}
+        serve_url = deploy(overrides=overrides, port=serve_port)
         _wait_http(f"{serve_url}/healthz", 300)
         # The page runs in its own process (and session, so Ctrl-C reaches it only through
         # us): Flask never shares a process with Ray or torch.
@@ -427,68 +427,15 @@ def print_gate(report: dict[str, Any]) -> int:
     return 0
 
 
-def deploy_serve(
-    config: str | Path,
-    checkpoint: str | None = None,
-    storage_path: str | None = None,
-    int8: bool | None = None,
-    host: str | None = None,
-    port: int | None = None,
-    num_cpus: float | None = None,
-) -> str:
-    """Deploy a Serve config file's application (these values override its args) on
-    RAY_ADDRESS, the Ray this process already joined, or a new local one; returns its URL."""
-    import ray
-    from pydantic import ValidationError
-    from ray import serve
-
-    from medgpt.config import ConfigError, load_yaml
-    from medgpt.serving import ServeConfig, build_app
-
-    cfg = load_yaml(config)
-    try:
-        app_cfg = cfg["applications"][0]
-    except (KeyError, IndexError, TypeError):
-        raise ConfigError(f"{config}: no applications[0] (a Serve config file)") from None
-    app_args = dict(app_cfg.get("args") or {})
-    for key, value in (("checkpoint", checkpoint), ("storage_path", storage_path), ("int8", int8)):
-        if value is not None:
-            app_args[key] = value
-    deployment = dict((app_cfg.get("deployments") or [{}])[0])
-    deployment.pop("name", None)
-    if num_cpus is not None:
-        deployment["ray_actor_options"] = {
-            **deployment.get("ray_actor_options", {}),
-            "num_cpus": num_cpus,
-        }
-    try:
-        app = build_app(app_args, deployment)
-    except ValidationError as e:  # a bad key or value in args
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            allowed = ", ".join(ServeConfig.model_fields)
-            raise ConfigError(f"{config}: unknown key args.{key} (allowed: {allowed})") from None
-        raise ConfigError(f"{config}: args.{key}: {err['msg']}") from None
-    http = {**(cfg.get("http_options") or {})}
-    http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
-    serve.start(http_options=http)
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    print(f"serving {app_args.get('checkpoint')} at {url}", flush=True)
-    serve.run(
-        app, name=app_cfg.get("name", "medgpt"), route_prefix=app_cfg.get("route_prefix", "/")
-    )
-    return url
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Deploy serve/config.yaml's application on Ray Serve (flags override its args) and keep
     serving until interrupted; like ``serve run serve/config.yaml``."""
     from ray import serve
 
-    deploy_serve(args.config, args.checkpoint, args.storage_path, args.int8, args.host, args.port)
+    from medgpt.serving import DEFAULT_CONFIG, deploy
+
+    overrides = {"checkpoint": args.checkpoint, "storage_path": args.storage_path, "int8": args.int8}
+    deploy(args.config or DEFAULT_CONFIG, overrides, args.host, args.port)
     print("Ctrl-C stops", flush=True)
     try:
         while True:
@@ -502,7 +449,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     Only the web package is imported: no torch, no model."""
     from web.app import run
 
-    return run(args.host, args.port, args.serve_url)
+    return run(args.host, args.port, args.serve_url, args.dev, args.workers, args.threads)
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -600,8 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--config",
-        default=str(Path(__file__).resolve().parents[1] / "serve" / "config.yaml"),
-        help="Serve config file (%(default)s)",
+        help="Serve config file (default: serve/config.yaml of this checkout)",
     )
     s.add_argument("--checkpoint", help="a checkpoint folder, run folder or models:/ URI")
     s.add_argument("--storage-path", dest="storage_path", help="MLflow store / downloads (runs)")
@@ -612,22 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser(
         "web",
         help="the prompt page: a Flask front over a running `medgpt serve` (127.0.0.1:5000)",
-        description="Serve the prompt page (Flask, threaded) that forwards /api/* to the Ray "
+        description="Serve the prompt page (Flask on gunicorn) that forwards /api/* to the Ray "
         "Serve endpoint (--serve-url, MEDGPT_SERVE_URL, else http://127.0.0.1:8000). Listening "
-        "beyond 127.0.0.1 is refused unless MEDGPT_WEB_API_KEY is set. Production: gunicorn "
-        "(see the README).",
+        "beyond 127.0.0.1 is refused unless MEDGPT_WEB_API_KEY is set. --dev runs werkzeug's "
+        "development server instead.",
     )
-    # The same flags as web/app.py's own (not imported here: Flask would slow every command).
-    w.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (%(default)s); any other needs MEDGPT_WEB_API_KEY",
-    )
-    w.add_argument("--port", type=int, default=5000, help="port (%(default)s)")
-    w.add_argument(
-        "--serve-url",
-        help="the Ray Serve HTTP endpoint (MEDGPT_SERVE_URL, else http://127.0.0.1:8000)",
-    )
+    from web.flags import add_arguments as add_web_arguments  # argparse only: no Flask here
+
+    add_web_arguments(w)
     w.set_defaults(func=cmd_web)
     q = sub.add_parser(
         "quickstart",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +16,7 @@ from medgpt.checkpoint import load_model, save_checkpoint
 from medgpt.config import ModelConfig
 from medgpt.generation import Engine, SamplingParams
 from medgpt.model import GPT
-from tests.conftest import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from medgpt.testing import free_port, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +35,18 @@ def server(ray_cluster, checkpoint, tmp_path_factory) -> dict:
     import ray
     from ray import serve
 
-    from medgpt.serving import MedgptServer, app_builder
+    from medgpt.serving import app_builder, build_app
 
     ray.init(address=ray_cluster["address"], ignore_reinit_error=True)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     storage = tmp_path_factory.mktemp("serve-store")
     args = {"checkpoint": str(checkpoint), "storage_path": str(storage), "max_tokens_cap": 600,
-            "max_batch_size": 8, "threads": 1}  # fmt: skip
+            "max_batch_size": 8, "threads": 1, "num_cpus": 1}  # fmt: skip
     serve.run(app_builder(args), name="medgpt", route_prefix="/", blocking=False)
     # A second, tiny-capacity app for backpressure: one running request, nobody waiting.
-    busy = {**args, "max_batch_size": 1, "max_queue": 0, "storage_path": str(storage)}
-    serve.run(
-        MedgptServer.options(name="Busy", ray_actor_options={"num_cpus": 0.25}).bind(busy),
-        name="busy",
-        route_prefix="/busy",
-        blocking=False,
-    )
+    busy = {**args, "max_batch_size": 1, "max_queue": 0, "num_cpus": 0.25}
+    serve.run(build_app(busy, name="Busy"), name="busy", route_prefix="/busy", blocking=False)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -145,6 +133,9 @@ def test_openai_client(server) -> None:
     )
     assert "".join(c.choices[0].text for c in stream if c.choices) == out.choices[0].text
     assert [m.id for m in client.models.list()] == ["step-000007"]
+    assert client.models.retrieve("step-000007").id == "step-000007"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("medgpt/1")  # a registry id: NAME/VERSION, slash and all
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="step-000007", prompt="x", temperature=5)
 
@@ -228,7 +219,33 @@ def test_generate_validation_names_the_field(server) -> None:
     r = requests.post(f"{server['url']}/generate", json={"prompt": "x", "max_new_tokens": 601})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_new_tokens"
     r = requests.post(f"{server['url']}/generate/stream", json={"prompt": "x", "oops": 1})
-    assert r.status_code == 400 and r.json()["error"]["message"] == "unknown field 'oops'"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "oops"
+    assert r.json()["error"]["message"].startswith("unknown field 'oops' (allowed: prompt, ")
+
+
+def test_routing_errors_are_openai_error_bodies(server) -> None:
+    url = server["url"]
+    r = requests.get(f"{url}/v1/nope", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no such route: /v1/nope"
+    r = requests.get(f"{url}/v1/completions", timeout=10)
+    assert r.status_code == 405 and "use POST" in r.json()["error"]["message"], r.text
+    r = requests.get(f"{url}/v1/models/step-000007", timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == "step-000007"
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(server) -> None:
+    """No Content-Length to check up front: the body is refused while it is read."""
+    from medgpt.api import MAX_BODY_BYTES
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY_BYTES // 4096 + 2):
+            yield b"x" * 4096
+        yield b'"}'
+
+    r = requests.post(f"{server['url']}/generate", data=chunks(), timeout=30,
+                      headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 413 and f"over {MAX_BODY_BYTES} bytes" in r.json()["error"]["message"]
 
 
 def _finished(url: str) -> dict:
@@ -274,16 +291,11 @@ def test_replica_killed_under_load_recovers(server, checkpoint, tmp_path) -> Non
     from ray import serve
     from ray.util.state import list_actors
 
-    from medgpt.serving import MedgptServer
+    from medgpt.serving import build_app
 
-    cfg = {"checkpoint": str(checkpoint), "storage_path": str(tmp_path), "threads": 1}
-    serve.run(
-        MedgptServer.options(
-            name="Pair", num_replicas=2, health_check_period_s=1,
-            ray_actor_options={"num_cpus": 0.25},
-        ).bind(cfg),
-        name="pair", route_prefix="/pair", blocking=False,
-    )  # fmt: skip
+    cfg = {"checkpoint": str(checkpoint), "storage_path": str(tmp_path), "threads": 1,
+           "min_replicas": 2, "max_replicas": 2, "health_check_period_s": 1, "num_cpus": 0.25}
+    serve.run(build_app(cfg, name="Pair"), name="pair", route_prefix="/pair", blocking=False)
     url = f"{server['url']}/pair"
     wait_for(lambda: _ok(f"{url}/healthz"), 120, "the pair app")
     results: list[int | str] = []
@@ -365,7 +377,8 @@ def test_the_replica_does_all_its_torch_work_in_the_engine_thread(
     import asyncio
 
     import medgpt.checkpoint
-    from medgpt.serving import GenerateRequest, MedgptServer
+    from medgpt.api import GenerateRequest
+    from medgpt.serving.deployment import MedgptServer
 
     seen: dict[str, set[str]] = {"load_model": set(), "generate": set(), "step": set()}
 
@@ -387,7 +400,7 @@ def test_the_replica_does_all_its_torch_work_in_the_engine_thread(
         await cls.__init__(replica, config)  # Serve's ingress wrapper has an async __init__
         try:
             body = GenerateRequest(prompt="Asthma", max_new_tokens=3, temperature=0)
-            return await replica.generate(body)
+            return await replica.generate_body(body)
         finally:
             replica._stop.set()
             replica._wake.set()

@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from medgpt.cli import main
-from medgpt.serving import ServeConfig
-from tests.conftest import REPO
+from medgpt.errors import ConfigError
+from medgpt.serving import DEFAULT_CONFIG, ServeConfig, load_serve_file
 
-CONFIG = REPO / "serve" / "config.yaml"
+CONFIG = DEFAULT_CONFIG
 
 
 def test_config_file_is_a_valid_serve_config() -> None:
@@ -20,11 +20,45 @@ def test_config_file_is_a_valid_serve_config() -> None:
     schema = ServeDeploySchema.model_validate(raw)
     app = schema.applications[0]
     assert app.import_path == "medgpt.serving:app_builder"
-    cfg = ServeConfig(**app.args)
+    cfg = ServeConfig.from_dict(app.args)
     assert cfg.checkpoint == "models:/medgpt@champion"
-    deployment = raw["applications"][0]["deployments"][0]
+    # The replica's options are set in args, once: no deployments section to disagree with.
+    assert "deployments" not in raw["applications"][0]
+    options = cfg.deployment_options()
     # The engine, not Serve's router, should decide when to push back.
-    assert deployment["max_ongoing_requests"] >= cfg.max_batch_size + cfg.max_queue
+    assert options["max_ongoing_requests"] >= cfg.max_batch_size + cfg.max_queue
+    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
+    assert options["autoscaling_config"]["max_replicas"] == 2
+
+
+def test_deployment_options_follow_the_config() -> None:
+    cfg = ServeConfig(max_batch_size=4, max_queue=10, num_cpus=0.5)
+    opts = cfg.deployment_options()
+    assert opts["max_ongoing_requests"] == 4 + 10 + 16 and opts["num_replicas"] == 1
+    assert opts["ray_actor_options"]["num_cpus"] == 0.5 and "autoscaling_config" not in opts
+    assert ServeConfig(max_ongoing_requests=7).deployment_options()["max_ongoing_requests"] == 7
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"max_batch": 4}, "unknown key args.max_batch (allowed: "),
+        ({"max_batch_size": 0}, "args.max_batch_size: must be in 1..256"),
+        ({"max_batch_size": "8"}, "args.max_batch_size: expected int"),
+        ({"kv_cache_tokens": 2.5}, "args.kv_cache_tokens: expected int or null"),
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
+        ({"device": "tpu"}, "allowed: auto, cpu, cuda, cuda:N"),
+        ({"int8": "yes"}, "args.int8: expected bool"),
+    ],
+)
+def test_bad_args_name_the_key(tmp_path, args, message) -> None:
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["applications"][0]["args"].update(args)
+    bad = tmp_path / "serve.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=None) as e:
+        load_serve_file(bad)
+    assert str(e.value).startswith(f"{bad}: ") and message in str(e.value), e.value
 
 
 def test_serve_run_accepts_the_configs_builder(tmp_path) -> None:

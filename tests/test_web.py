@@ -19,17 +19,18 @@ import requests
 from flask import Flask
 
 from medgpt.errors import ConfigError
-from tests.conftest import REPO, wait_for
+from medgpt.testing import free_port, wait_for
 from tests.web_support import (
     MODEL_ID,
     closed_port_url,
-    free_port,
     serve_app,
     serve_stats,
     tiny_checkpoint,
     web_server,
 )
 from web.app import CSP, check_bind, create_app
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +389,8 @@ def test_serve_failures_become_readable_errors(fake_serve) -> None:
     r = post("busy")
     assert r.status_code == 503 and r.headers["Retry-After"] == "7"
     assert r.get_json()["error"] == {"message": "The model server is busy; try again in a few "
-                                     "seconds.", "type": "server_overloaded", "param": None}  # fmt: skip
+                                     "seconds.", "type": "server_overloaded", "param": None,
+                                     "code": None}  # fmt: skip
     r = post("broken")
     assert r.status_code == 502
     assert r.get_json()["error"]["message"] == (
@@ -495,20 +497,38 @@ def _start(cmd: list[str], url: str, tmp_path: Path, env: dict | None = None, st
     return stop
 
 
-@pytest.mark.parametrize("entry", ["python web/app.py", "medgpt web"])
-def test_entry_points_serve_the_page(serve_url, tmp_path, entry) -> None:
+@pytest.mark.parametrize(
+    ("entry", "server"),
+    [("python web/app.py", "gunicorn"), ("medgpt web", "gunicorn"),
+     ("medgpt web --dev", "werkzeug development server")],
+)  # fmt: skip
+def test_entry_points_serve_the_page(serve_url, tmp_path, entry, server) -> None:
     port = free_port()
     bin_dir = Path(sys.executable).parent
     head = [sys.executable, "web/app.py"] if entry.startswith("python") else [
         str(bin_dir / "medgpt"), "web"]  # fmt: skip
+    head += ["--dev"] if entry.endswith("--dev") else []
     url = f"http://127.0.0.1:{port}"
     stop = _start([*head, "--port", str(port), "--serve-url", serve_url], url, tmp_path)
     try:
         assert "Not medical advice." in requests.get(url, timeout=10).text
-        assert requests.get(f"{url}/api/model", timeout=10).json()["id"] == MODEL_ID
+        r = requests.get(f"{url}/api/model", timeout=10)
+        assert r.json()["id"] == MODEL_ID
+        assert ("gunicorn" in r.headers.get("Server", "")) == (server == "gunicorn"), r.headers
     finally:
         out = stop()
-    assert f"medgpt web: {url} -> model server {serve_url}" in out
+    assert f"medgpt web: {url} -> model server {serve_url} ({server}; Ctrl-C stops)" in out
+
+
+def test_a_port_in_use_is_one_line(tmp_path, capsys) -> None:
+    from web.app import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rc = main(["--port", str(s.getsockname()[1])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot listen on 127.0.0.1:" in err and len(err.splitlines()) == 1
 
 
 def test_gunicorn_serves_and_streams(serve_url, tmp_path) -> None:

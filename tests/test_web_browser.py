@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, wait_for
+from medgpt.testing import wait_for
 from tests.web_support import (
     MODEL_ID,
     closed_port_url,
@@ -25,6 +25,7 @@ from tests.web_support import (
     web_server,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip

@@ -1,10 +1,13 @@
 """What the web tests share: a real Serve app on a tiny checkpoint (on the session's Ray
-cluster), and the Flask app on a real HTTP port in a background thread."""
+cluster), and the page as `medgpt web` runs it (gunicorn, in a process of its own)."""
 
 from __future__ import annotations
 
-import socket
-import threading
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,15 +15,13 @@ from typing import Any
 
 import requests
 
-from tests.conftest import wait_for
+from medgpt.testing import free_port, wait_for
 
 MODEL_ID = "step-000007"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# create_app's config keys → the environment variables `medgpt web` reads them from.
+_ENV = {"SERVE_URL": "MEDGPT_SERVE_URL", "API_KEY": "MEDGPT_WEB_API_KEY",
+        "CONNECT_TIMEOUT": "MEDGPT_WEB_CONNECT_TIMEOUT", "READ_TIMEOUT": "MEDGPT_WEB_READ_TIMEOUT",
+        "MAX_CONTENT_LENGTH": "MEDGPT_WEB_MAX_BODY"}  # fmt: skip
 
 
 def tiny_checkpoint(folder: Path) -> Path:
@@ -53,7 +54,7 @@ def serve_app(ray_address: str, checkpoint: Path | str, storage: Path, name: str
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"checkpoint": str(checkpoint), "storage_path": str(storage), "max_tokens_cap": 512,
-            "max_batch_size": 4, "threads": 1}  # fmt: skip
+            "max_batch_size": 4, "threads": 1, "num_cpus": 1}  # fmt: skip
     serve.run(app_builder(args), name=name, route_prefix=f"/{name}", blocking=False)
     url = f"http://127.0.0.1:{port}/{name}"
 
@@ -72,22 +73,40 @@ def serve_app(ray_address: str, checkpoint: Path | str, storage: Path, name: str
 
 
 @contextmanager
-def web_server(config: Mapping[str, Any]) -> Iterator[str]:
-    """The Flask app behind werkzeug's threaded server on a free port (as `medgpt web` runs
-    it); yields its URL."""
-    from werkzeug.serving import make_server
-
-    from web.app import create_app
-
+def web_server(config: Mapping[str, Any], dev: bool = False) -> Iterator[str]:
+    """The page as `medgpt web` serves it (gunicorn; werkzeug with ``dev``) on a free port,
+    configured through its environment variables; yields its URL. Stopped with SIGINT, as
+    Ctrl-C stops it."""
     port = free_port()
-    server = make_server("127.0.0.1", port, create_app(config), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    env = {**os.environ, **{_ENV[k]: str(v) for k, v in config.items()}}
+    medgpt = Path(sys.executable).parent / "medgpt"
+    cmd = [str(medgpt), "web", "--port", str(port), *(["--dev"] if dev else [])]
+    # A file, not a pipe: nobody reads a pipe while tests run, and a full one would block
+    # gunicorn's logging (one warning per malformed request in the fuzz).
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"medgpt web exited: {log.read().decode()[-2000:]}")
+        try:
+            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
     try:
-        yield f"http://127.0.0.1:{port}"
+        wait_for(up, 60, "medgpt web to answer", interval=0.2)
+        yield url
     finally:
-        server.shutdown()
-        thread.join(timeout=10)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def closed_port_url() -> str:

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import ipaddress
-import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -33,27 +31,33 @@ import urllib3
 from flask import Flask, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from medgpt.api import (
+    DEFAULT_MAX_TOKENS_CAP,
+    MAX_STOP_STRINGS,
+    PAGE_MAX_BODY_BYTES,
+    PAGE_MAX_PROMPT_CHARS,
+    ApiError,
+    GenerateRequest,
+    error_body,
+    parse_json,
+    sse,
+)
+from medgpt.api import validate as api_validate
 from medgpt.errors import ConfigError
+from web.flags import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SERVE_URL, add_arguments
 
 log = logging.getLogger("medgpt.web")
 
-DEFAULT_SERVE_URL = "http://127.0.0.1:8000"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 5000
 
-# The same ranges Serve enforces (medgpt/serving.py GenerateRequest); checked here too so a
-# bad request is answered without a round trip and with the same error shape. The prompt cap
-# is tighter than Serve's: it keeps every valid body under the 16 KiB limit below.
-PROMPT_MAX_CHARS = 4000
-MAX_NEW_TOKENS = 512
-MAX_STOP_STRINGS = 4
-SEED_LIMIT = 2**63
+# The page's limits are the protocol's, tighter ones named there (medgpt.api): every valid body
+# fits the body limit, and a bad one is answered here, in Serve's words, without a round trip.
 LIMITS: dict[str, Any] = {
-    "prompt_max_chars": PROMPT_MAX_CHARS,
+    "prompt_max_chars": PAGE_MAX_PROMPT_CHARS,
     "temperature": [0.0, 2.0],
     "top_k_min": 0,
     "top_p": [0.0, 1.0],  # (0, 1]
-    "max_new_tokens": [1, MAX_NEW_TOKENS],
+    "max_new_tokens": [1, DEFAULT_MAX_TOKENS_CAP],
+    "max_stop_strings": MAX_STOP_STRINGS,
 }
 # What the page starts with (Serve's own defaults differ slightly: top_p 1.0).
 DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 64}
@@ -78,26 +82,11 @@ SECURITY_HEADERS = {
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param"}}`` (Serve's shape)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-        self.headers = dict(headers or {})
-
-    def response(self) -> Response:
-        resp = jsonify({"error": {"message": self.message, "type": self.kind, "param": self.param}})
-        resp.status_code = self.status
-        resp.headers.update(self.headers)
-        return resp
+def _respond(err: ApiError) -> Response:
+    resp = jsonify(err.body())
+    resp.status_code = err.status
+    resp.headers.update(err.headers)
+    return resp
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -126,7 +115,7 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # Between two reads from Serve (a whole answer for /api/generate, one token for the
         # stream): generous, since a busy server queues requests before the first token.
         "READ_TIMEOUT": _env_number("MEDGPT_WEB_READ_TIMEOUT", 60.0),
-        "MAX_CONTENT_LENGTH": int(_env_number("MEDGPT_WEB_MAX_BODY", 16 * 1024, int)),
+        "MAX_CONTENT_LENGTH": int(_env_number("MEDGPT_WEB_MAX_BODY", PAGE_MAX_BODY_BYTES, int)),
     }
     cfg.update(overrides or {})
     url = str(cfg["SERVE_URL"]).rstrip("/")
@@ -139,86 +128,33 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
 # --- validation ----------------------------------------------------------------------------------
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
 def validate(body: Any) -> dict[str, Any]:
     """A /api/generate body → the body for Serve, or :class:`ApiError` (400) naming the field.
     Only fields given are forwarded; Serve fills in its defaults."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    allowed = ("prompt", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop")
-    for key in body:
-        if key not in allowed:
-            raise ApiError(400, f"unknown field {key!r} (allowed: {', '.join(allowed)})", key)
-    if "prompt" not in body:
-        raise ApiError(400, "missing field 'prompt'", "prompt")
-    prompt = body["prompt"]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "prompt: must be a string", "prompt")
-    if not prompt.strip():
-        raise ApiError(400, "prompt: must not be empty", "prompt")
-    if len(prompt) > PROMPT_MAX_CHARS:
-        raise ApiError(
-            400,
-            f"prompt: at most {PROMPT_MAX_CHARS} characters (this one has {len(prompt)})",
-            "prompt",
-        )
-    out: dict[str, Any] = {"prompt": prompt}
-    checks = {
-        "temperature": (_is_number, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
-        "top_k": (_is_int, lambda v: v >= 0, "a whole number >= 0 (0 = off)"),
-        "top_p": (_is_number, lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
-        "max_new_tokens": (
-            _is_int,
-            lambda v: 1 <= v <= MAX_NEW_TOKENS,
-            f"a whole number from 1 to {MAX_NEW_TOKENS}",
-        ),
-        "seed": (_is_int, lambda v: 0 <= v < SEED_LIMIT, "a whole number >= 0, or null"),
-    }
-    for key, (type_ok, range_ok, what) in checks.items():
-        if key not in body or (key == "seed" and body[key] is None):
-            continue
-        value = body[key]
-        if not (type_ok(value) and range_ok(value)):
-            raise ApiError(400, f"{key}: must be {what} (got {json.dumps(value)[:40]})", key)
-        out[key] = value
-    if "stop" in body:
-        stop = body["stop"]
-        if not (
-            isinstance(stop, list)
-            and len(stop) <= MAX_STOP_STRINGS
-            and all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop)
-        ):
-            raise ApiError(
-                400,
-                f"stop: a list of at most {MAX_STOP_STRINGS} non-empty strings of up to 64 "
-                "characters",
-                "stop",
-            )
-        out["stop"] = stop
-    return out
+    req = api_validate(GenerateRequest, body, max_prompt_chars=PAGE_MAX_PROMPT_CHARS)
+    return req.model_dump(exclude_unset=True)
+
+
+def _read_limited(limit: int) -> bytes:
+    """The body, refused with 413 once past ``limit`` bytes, declared or chunked: a chunked
+    body has no Content-Length to check up front, so it is cut off while being read."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"The request is too large (limit {limit} bytes).")
+    # werkzeug bounds this stream by the Content-Length, or by MAX_CONTENT_LENGTH for a
+    # chunked body (413 past it), and gives an empty one when the request has neither.
+    stream = request.stream
+    data = b""
+    while chunk := stream.read(min(8192, limit + 1 - len(data))):
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, f"The request is too large (limit {limit} bytes).")
+    return data
 
 
 def _json_body() -> Any:
     if request.mimetype != "application/json":
         raise ApiError(415, "send the body as JSON with Content-Type: application/json")
-    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 from werkzeug
-    if not raw.strip():
-        raise ApiError(400, "the body is empty; send a JSON object")
-
-    def no_constants(name: str) -> Any:
-        raise ValueError(name)
-
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=no_constants)
-    except (UnicodeDecodeError, ValueError):
-        raise ApiError(400, "the body is not valid JSON") from None
+    return parse_json(_read_limited(current_app.config["MAX_CONTENT_LENGTH"]))
 
 
 # --- the proxy -----------------------------------------------------------------------------------
@@ -289,10 +225,6 @@ def _relay_error(resp: requests.Response) -> ApiError:
     return ApiError(502, f"The model server failed (HTTP {status}){detail}", kind="bad_gateway")
 
 
-def _sse(data: Any) -> bytes:
-    return f"data: {json.dumps(data)}\n\n".encode()
-
-
 def _relay_stream(resp: requests.Response, read_timeout: float) -> Iterator[bytes]:
     """Serve's SSE bytes, forwarded as they arrive (one read per chunk: no buffering). When
     the browser goes away the server closes this generator, which closes the connection to
@@ -309,7 +241,7 @@ def _relay_stream(resp: requests.Response, read_timeout: float) -> Iterator[byte
             else "The connection to the model server was lost during the generation."
         )
         kind = "backend_timeout" if timed_out else "backend_unavailable"
-        yield b"\n\n" + _sse({"error": {"message": message, "type": kind, "param": None}})
+        yield ("\n\n" + sse(error_body(message, kind))).encode()
     finally:
         resp.close()
 
@@ -349,11 +281,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             given = auth[7:].strip()
         if given and hmac.compare_digest(given.encode(), str(key).encode()):
             return None
-        return ApiError(
-            401,
-            "This page needs an API key: enter it above (sent as the X-API-Key header).",
-            kind="authentication_error",
-        ).response()
+        return _respond(
+            ApiError(
+                401,
+                "This page needs an API key: enter it above (sent as the X-API-Key header).",
+                kind="authentication_error",
+            )
+        )
 
     @app.after_request
     def _headers(resp: Response) -> Response:
@@ -365,7 +299,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError) -> Response:
-        return e.response()
+        return _respond(e)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> Response:
@@ -380,7 +314,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         else:
             message = f"{e.name}"
         err = ApiError(status, message, kind="invalid_request_error")
-        resp = err.response()
+        resp = _respond(err)
         if status == 405 and e.valid_methods:
             resp.headers["Allow"] = ", ".join(e.valid_methods)
         return resp
@@ -389,9 +323,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def _unexpected(e: Exception) -> Response:
         # Logged with its traceback for the operator; the user gets one line.
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return ApiError(
-            500, f"Internal error in the web front ({type(e).__name__}).", kind="server_error"
-        ).response()
+        return _respond(
+            ApiError(
+                500, f"Internal error in the web front ({type(e).__name__}).", kind="server_error"
+            )
+        )
 
     @app.get("/")
     def index() -> str:
@@ -484,25 +420,50 @@ def check_bind(host: str, api_key: str | None) -> None:
         )
 
 
-def run(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, serve_url: str | None = None) -> int:
-    """Serve the page with werkzeug's threaded server until interrupted (the single-machine
-    default; production uses gunicorn, see the README)."""
-    from werkzeug.serving import run_simple
+def run(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    serve_url: str | None = None,
+    dev: bool = False,
+    workers: int | None = None,
+    threads: int | None = None,
+) -> int:
+    """Serve the page until interrupted: with gunicorn (web/server.py), or with werkzeug's
+    development server when ``dev`` is set."""
+    from web import server
 
     overrides = {"SERVE_URL": serve_url} if serve_url else {}
     app = create_app(overrides)
     check_bind(host, app.config["API_KEY"])
+    _check_port(host, port)
     shown = f"[{host}]" if ":" in host else host
+    how = "werkzeug development server" if dev else "gunicorn"
     print(
         f"medgpt web: http://{shown}:{port} -> model server {app.config['SERVE_URL']} "
-        "(Ctrl-C stops)",
+        f"({how}; Ctrl-C stops)",
         flush=True,
     )
-    try:
-        run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    if dev:
+        server.run_development(app, host, port)
+    else:
+        server.run_gunicorn(
+            app, host, port, workers or server.DEFAULT_WORKERS, threads or server.DEFAULT_THREADS
+        )
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """One line when the address cannot be had (gunicorn would retry for 5 s, then exit with
+    its own log lines)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def build_parser(prog: str = "web/app.py") -> argparse.ArgumentParser:
@@ -511,23 +472,10 @@ def build_parser(prog: str = "web/app.py") -> argparse.ArgumentParser:
     return p
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help="address to listen on (%(default)s); any other needs MEDGPT_WEB_API_KEY",
-    )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (%(default)s)")
-    p.add_argument(
-        "--serve-url",
-        help=f"the Ray Serve HTTP endpoint (MEDGPT_SERVE_URL, else {DEFAULT_SERVE_URL})",
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args.host, args.port, args.serve_url)
+        return run(args.host, args.port, args.serve_url, args.dev, args.workers, args.threads)
     except ConfigError as e:
         print(f"web: error: {e}", file=sys.stderr)
         return 2
