@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medgpt.api import (
     MAX_BODY_BYTES,
@@ -67,7 +68,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if exc.status_code == 404:
         message = f"no such route: {request.url.path}"
     elif exc.status_code == 405:
-        allowed = (exc.headers or {}).get("allow", "")
+        allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
         message = f"{request.method} is not allowed on {request.url.path} (use {allowed})"
     else:
         message = str(exc.detail)
@@ -95,11 +96,15 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413, f"request body over {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body over {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody is left to answer; a 4xx keeps it out of the server-error counts and logs.
+        raise ApiError(400, "the client left before its body arrived") from None
     return b"".join(chunks)
 
 
