@@ -25,23 +25,10 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/medgpt quickstart
 
-# The champion (models:/medgpt@champion) on Ray Serve at :8000 in the background, then the
-# prompt page at http://127.0.0.1:5000 once Serve answers; Ctrl-C stops both. `medgpt serve`
-# must stop with SIGINT (on SIGTERM Ray's core aborts and leaves processes behind), but a
-# script's `&` makes it ignore SIGINT: DETACH restores it, in a session of its own so that
-# Ctrl-C reaches it once, through the trap.
-DEMO_SERVE_URL := http://127.0.0.1:8000
-DETACH := $(BIN)/python -c "import os, signal, sys; os.setsid(); \
-	signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+# The champion (models:/medgpt@champion) on Ray Serve at :8000 and the prompt page at
+# http://127.0.0.1:5000 beside it; Ctrl-C stops both (medgpt/demo.py owns the processes).
 demo: $(STAMP)
-	@$(DETACH) $(BIN)/medgpt serve & pid=$$!; \
-	trap 'kill -INT $$pid 2>/dev/null; wait $$pid' EXIT INT TERM; \
-	echo "waiting for the model server at $(DEMO_SERVE_URL) ..."; \
-	until $(BIN)/python -c "import urllib.request as u; u.urlopen('$(DEMO_SERVE_URL)/healthz', timeout=2)" 2>/dev/null; do \
-		kill -0 $$pid 2>/dev/null || { echo "medgpt serve stopped (see above)" >&2; exit 1; }; sleep 1; \
-	done; \
-	echo "open http://127.0.0.1:5000 (Ctrl-C stops the page and the model server)"; \
-	$(BIN)/medgpt web --serve-url $(DEMO_SERVE_URL)
+	$(BIN)/medgpt demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -163,91 +162,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
         return status
     print("[4/4] serving the champion on Ray Serve, and the prompt page", flush=True)
-    return _serve_until_interrupted(
+    from medgpt.demo import serve_with_page
+
+    return serve_with_page(
         f"models:/{report['registered']['name']}@{report['registered']['alias']}",
         recipe.job.storage_path,
         args.serve_port,
         args.web_port,
         args.serve_cpus,
-        t0,
+        started=t0,
     )
-
-
-def _wait_http(url: str, timeout_s: float, alive: Any = None) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if alive is not None and not alive():
-                break
-            time.sleep(0.5)
-    raise MedgptError(f"{url} did not answer within {timeout_s:.0f} s")
-
-
-def _serve_until_interrupted(
-    checkpoint: str,
-    storage_path: str,
-    serve_port: int,
-    web_port: int,
-    serve_cpus: float | None,
-    t0: float,
-) -> int:
-    """Serve the champion and run the page beside it until Ctrl-C (or SIGTERM); then stop
-    the page, Serve, and the local Ray this process started, leaving no processes behind."""
-    import signal
-    import subprocess
-
-    import ray
-    from ray import serve
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    # Ray Train's fit left its own SIGINT handler installed (it aborts a training run, which
-    # is over), and on SIGTERM Ray's core aborts without cleaning up: both stop us here.
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    web = None
-    try:
-        from medgpt.serving import deploy
-
-        overrides = {"checkpoint": checkpoint, "storage_path": storage_path, "num_cpus": serve_cpus}
-        serve_url = deploy(overrides=overrides, port=serve_port)
-        _wait_http(f"{serve_url}/healthz", 300)
-        # The page runs in its own process (and session, so Ctrl-C reaches it only through
-        # us): Flask never shares a process with Ray or torch.
-        web = subprocess.Popen(
-            [sys.executable, "-m", "medgpt.cli", "web", "--port", str(web_port),
-             "--serve-url", serve_url],
-            start_new_session=True,
-        )  # fmt: skip
-        page = f"http://127.0.0.1:{web_port}"
-        _wait_http(f"{page}/healthz", 60, alive=lambda: web.poll() is None)
-        print(f"quickstart ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        print(f"open {page}  (Ctrl-C stops the page, the model server and Ray)", flush=True)
-        while web.poll() is None:
-            time.sleep(0.5)
-        raise MedgptError(f"the prompt page stopped (exit status {web.returncode})")
-    except KeyboardInterrupt:
-        print("stopping the page, Serve and Ray ...", flush=True)
-        return 0
-    finally:
-        if web is not None and web.poll() is None:
-            web.send_signal(signal.SIGINT)
-            try:
-                web.wait(10)
-            except subprocess.TimeoutExpired:
-                web.kill()
-                web.wait()
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        print("stopped", flush=True)
 
 
 def _load_recipe(args: argparse.Namespace) -> Any:
@@ -444,6 +368,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A model on Ray Serve and the prompt page beside it until Ctrl-C (``make demo``)."""
+    from medgpt.demo import serve_with_page
+
+    return serve_with_page(
+        args.checkpoint, args.storage, args.serve_port, args.web_port, args.serve_cpus
+    )
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     """The prompt page (Flask) in front of a running Serve app; like ``python web/app.py``.
     Only the web package is imported: no torch, no model."""
@@ -567,6 +500,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_web_arguments(w)
     w.set_defaults(func=cmd_web)
+    d = sub.add_parser(
+        "demo",
+        help="serve a model and the prompt page together until Ctrl-C (after the quickstart)",
+        description="Deploy serve/config.yaml's app with --checkpoint (default the champion) "
+        "on RAY_ADDRESS or a local Ray, start the prompt page beside it once Serve answers, "
+        "and stop both (and the local Ray) on Ctrl-C.",
+    )
+    d.add_argument(
+        "--checkpoint",
+        default="models:/medgpt@champion",
+        help="a checkpoint folder, run folder or models:/ URI (%(default)s)",
+    )
+    d.add_argument("--storage", default="runs", help="MLflow store / downloads (%(default)s)")
+    d.add_argument("--serve-port", type=int, default=8000, help="Ray Serve's port (%(default)s)")
+    d.add_argument("--web-port", type=int, default=5000, help="the page's port (%(default)s)")
+    d.add_argument("--serve-cpus", type=float, help="CPUs of the replica (serve/config.yaml)")
+    d.set_defaults(func=cmd_demo)
     q = sub.add_parser(
         "quickstart",
         help="run the main job on the embedded defaults (offline ICD-10-CM corpus)",

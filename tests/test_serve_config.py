@@ -99,3 +99,10 @@ def test_serve_with_bad_args_in_the_config_exits_2(tmp_path, capsys) -> None:
     assert main(["serve", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "max_batch" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_demo_with_a_bad_checkpoint_exits_2_before_starting_anything(tmp_path, capsys) -> None:
+    rc = main(["demo", "--checkpoint", str(tmp_path / "nope"), "--storage", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 2 and "no such checkpoint" in captured.err, captured
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
