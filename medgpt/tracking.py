@@ -88,31 +88,16 @@ def start_or_resume_run(
 
 def loss_curve_png(uri: str, run_id: str, path: Path) -> Path | None:
     """Train and validation loss against step, from the run's metric history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from mlflow.tracking import MlflowClient
 
+    from medgpt.plots import Series, line_chart
+
     client = MlflowClient(tracking_uri=uri)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    plotted = False
+    series = []
     for key, style in (("loss", "-"), ("val_loss", "o-")):
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        if hist:
-            ax.plot([m.step for m in hist], [m.value for m in hist], style, label=key, ms=3)
-            plotted = True
-    if not plotted:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        series.append(Series(key, [m.step for m in hist], [m.value for m in hist], style))
+    return line_chart(series, path, "step", "loss (nats/token)")
 
 
 def finish_run(

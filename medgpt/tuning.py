@@ -702,31 +702,16 @@ def summarize(
 
 
 def curves_png(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    import matplotlib
+    from medgpt.plots import Series, line_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = False
+    series = []
     for r in rows:
-        if r["val_loss_curve"]:
-            steps, vals = zip(*r["val_loss_curve"], strict=True)
-            style = "o-" if r["status"] == "completed" else "x--"
-            ax.plot(steps, vals, style, ms=4, label=f"{r['trial_id']} ({r['status']})")
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("val_loss (nats/token)")
-    ax.set_title("val_loss per trial")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        steps, vals = zip(*r["val_loss_curve"], strict=True) if r["val_loss_curve"] else ((), ())
+        style = "o-" if r["status"] == "completed" else "x--"
+        series.append(Series(f"{r['trial_id']} ({r['status']})", steps, vals, style))
+    return line_chart(
+        series, path, "step", "val_loss (nats/token)", "val_loss per trial", legend_size=7
+    )
 
 
 def trial_table(rows: list[dict[str, Any]]) -> str:
