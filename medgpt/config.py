@@ -342,3 +342,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return out
+
+
+def parse_scalar(raw: str) -> Any:
+    """A value written as text (an override's right-hand side, an environment variable) read
+    as YAML reads it: ``3e-4`` and ``8`` are numbers, ``true`` a bool, ``null`` None; text that
+    is not valid YAML stays text."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw

@@ -445,9 +445,14 @@ def test_bad_settings_are_one_line_errors(monkeypatch) -> None:
     monkeypatch.setenv("MEDGPT_WEB_READ_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="MEDGPT_WEB_READ_TIMEOUT='soon'"):
         create_app()
+    monkeypatch.setenv("MEDGPT_WEB_READ_TIMEOUT", "0")
+    with pytest.raises(ConfigError, match="MEDGPT_WEB_READ_TIMEOUT='0': read_timeout: must be"):
+        create_app()
     monkeypatch.delenv("MEDGPT_WEB_READ_TIMEOUT")
     with pytest.raises(ConfigError, match="expected http://HOST:PORT"):
         create_app({"SERVE_URL": "localhost:8000"})
+    with pytest.raises(ConfigError, match=r"unknown key serve \(allowed: api_key, "):
+        create_app({"SERVE": "http://x"})
 
 
 def test_env_configures_the_app(monkeypatch) -> None:

@@ -18,13 +18,14 @@ carries a Content-Security-Policy without inline scripts or styles, bodies are c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hmac
 import ipaddress
 import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import requests
 import urllib3
@@ -43,6 +44,7 @@ from medgpt.api import (
     sse,
 )
 from medgpt.api import validate as api_validate
+from medgpt.config import from_mapping, parse_scalar
 from medgpt.errors import ConfigError
 from web.flags import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SERVE_URL, add_arguments
 
@@ -92,37 +94,58 @@ def _respond(err: ApiError) -> Response:
 # --- configuration -------------------------------------------------------------------------------
 
 
-def _env_number(name: str, default: float, kind: type = float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected a {kind.__name__}") from None
-    if not value > 0:
-        raise ConfigError(f"{name}={raw!r}: must be positive")
-    return value
+@dataclasses.dataclass
+class WebSettings:
+    """The page's settings. Each has an environment variable (``ENV``) and a ``create_app``
+    key (its name in upper case, Flask's convention); read through medgpt's one config
+    parser, so a bad value is refused the way a bad recipe key is."""
+
+    serve_url: str = DEFAULT_SERVE_URL
+    api_key: str | None = None  # when set, the /api routes require it
+    connect_timeout: float = 3.0
+    # Between two reads from Serve (a whole answer for /api/generate, one token for the
+    # stream): generous, since a busy server queues requests before the first token.
+    read_timeout: float = 60.0
+    max_content_length: int = PAGE_MAX_BODY_BYTES
+
+    ENV: ClassVar[dict[str, str]] = {
+        "serve_url": "MEDGPT_SERVE_URL",
+        "api_key": "MEDGPT_WEB_API_KEY",
+        "connect_timeout": "MEDGPT_WEB_CONNECT_TIMEOUT",
+        "read_timeout": "MEDGPT_WEB_READ_TIMEOUT",
+        "max_content_length": "MEDGPT_WEB_MAX_BODY",
+    }
+
+    def __post_init__(self) -> None:
+        self.serve_url = self.serve_url.rstrip("/")
+        if not self.serve_url.startswith(("http://", "https://")):
+            raise ConfigError(f"serve_url: {self.serve_url!r}: expected http://HOST:PORT")
+        for name in ("connect_timeout", "read_timeout", "max_content_length"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
 
 
 def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The app's settings: explicit ``overrides`` win over environment variables, which win
-    over the defaults."""
-    cfg: dict[str, Any] = {
-        "SERVE_URL": os.environ.get("MEDGPT_SERVE_URL") or DEFAULT_SERVE_URL,
-        "API_KEY": os.environ.get("MEDGPT_WEB_API_KEY") or None,
-        "CONNECT_TIMEOUT": _env_number("MEDGPT_WEB_CONNECT_TIMEOUT", 3.0),
-        # Between two reads from Serve (a whole answer for /api/generate, one token for the
-        # stream): generous, since a busy server queues requests before the first token.
-        "READ_TIMEOUT": _env_number("MEDGPT_WEB_READ_TIMEOUT", 60.0),
-        "MAX_CONTENT_LENGTH": int(_env_number("MEDGPT_WEB_MAX_BODY", PAGE_MAX_BODY_BYTES, int)),
-    }
-    cfg.update(overrides or {})
-    url = str(cfg["SERVE_URL"]).rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"serve URL {url!r}: expected http://HOST:PORT")
-    cfg["SERVE_URL"] = url
-    return cfg
+    """The app's Flask config: explicit ``overrides`` (``create_app`` keys) win over
+    environment variables, which win over the defaults. An error names where the bad value
+    came from (``MEDGPT_WEB_READ_TIMEOUT='soon': ...``)."""
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name, var in WebSettings.ENV.items():
+        raw = os.environ.get(var)
+        if raw:  # numbers are written as text in the environment: read them as YAML does
+            data[name] = raw if name in ("serve_url", "api_key") else parse_scalar(raw)
+            origin[name] = f"{var}={raw!r}"
+    for key, value in (overrides or {}).items():
+        data[key.lower()] = value
+        origin[key.lower()] = f"{key}={value!r}"
+    try:
+        settings = from_mapping(WebSettings, data)
+    except ConfigError as e:
+        field = str(e).split(":", 1)[0].removeprefix("unknown key ").split(" ", 1)[0]
+        where = origin.get(field)
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+    return {k.upper(): v for k, v in dataclasses.asdict(settings).items()}
 
 
 # --- validation ----------------------------------------------------------------------------------
