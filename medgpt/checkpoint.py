@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medgpt.config import ConfigError, ModelConfig, from_mapping
-from medgpt.errors import CheckpointError
+from medgpt.errors import CheckpointError, MedgptError
 from medgpt.fsutil import staged_dir
 from medgpt.model import GPT
 from medgpt.tokenizer import TOKENIZER_NAME
@@ -88,15 +88,22 @@ def save_checkpoint(
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(
+    path: Path,
+    error: type[MedgptError] = CheckpointError,
+    missing: str = "missing (not a complete medgpt checkpoint)",
+) -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` (its message starting with the path) when the
+    file is missing (``missing`` says what that means), not JSON, or not an object. Shared by
+    checkpoint folders and Hugging Face model folders (:mod:`medgpt.hf`)."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a complete medgpt checkpoint)")
+        raise error(f"{path}: {missing}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -105,7 +112,7 @@ def read_config(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, An
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"no such checkpoint folder: {folder}")
-    raw = _read_json(folder / CONFIG)
+    raw = read_json_object(folder / CONFIG)
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{folder / CONFIG}: not a medgpt checkpoint (format != {FORMAT!r})")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -121,7 +128,7 @@ def read_config(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, An
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    return _read_json(Path(path) / META)
+    return read_json_object(Path(path) / META)
 
 
 def load_model(

@@ -466,7 +466,7 @@ def load_candidate(
     label: str, spec: str, uri: str, cache_dir: Path, device: torch.device
 ) -> Candidate:
     from medgpt.checkpoint import is_checkpoint, load_model, read_config, read_meta
-    from medgpt.model import load_hf_gpt2
+    from medgpt.hf import load_hf_gpt2
 
     path, registry = resolve_checkpoint(spec, uri, cache_dir)
     if is_checkpoint(path):
@@ -715,34 +715,29 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def per_source_png(report: dict[str, Any], path: Path, max_sources: int = 30) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from medgpt.plots import figure
 
     models = [report["model"], *report["baselines"]]
     per = report["model"]["per_source"]
     names = sorted(per, key=lambda n: -per[n]["tokens"])[:max_sources]
     names.sort()
     height = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * len(names) * max(1, len(models) * 0.6)))
-    for i, m in enumerate(models):
-        values = [m["per_source"].get(n, {}).get("loss", math.nan) for n in names]
-        ys = [j + i * height for j in range(len(names))]
-        ax.barh(ys, values, height=height, label=f"{m['label']} ({_fmt(m['loss'], 3)})")
-    ax.set_yticks([j + height * (len(models) - 1) / 2 for j in range(len(names))])
-    ax.set_yticklabels([n[:40] for n in names], fontsize=8)
-    ax.invert_yaxis()
-    gate = report.get("gate")
-    if gate:
-        ax.axvline(
-            gate["max_loss"], color="crimson", ls="--", lw=1, label=f"gate {gate['max_loss']}"
-        )
-    ax.set_xlabel("loss (nats/token)")
-    ax.set_title("held-out loss per source", fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    size = (8, 1.2 + 0.35 * len(names) * max(1, len(models) * 0.6))
+    with figure(path, size, dpi=100) as ax:
+        for i, m in enumerate(models):
+            values = [m["per_source"].get(n, {}).get("loss", math.nan) for n in names]
+            ys = [j + i * height for j in range(len(names))]
+            ax.barh(ys, values, height=height, label=f"{m['label']} ({_fmt(m['loss'], 3)})")
+        ax.set_yticks([j + height * (len(models) - 1) / 2 for j in range(len(names))])
+        ax.set_yticklabels([n[:40] for n in names], fontsize=8)
+        ax.invert_yaxis()
+        gate = report.get("gate")
+        if gate:
+            ax.axvline(
+                gate["max_loss"], color="crimson", ls="--", lw=1, label=f"gate {gate['max_loss']}"
+            )
+        ax.set_xlabel("loss (nats/token)")
+        ax.set_title("held-out loss per source", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     return path

@@ -18,9 +18,13 @@ admitting it would make rows x positions, reserved for every running request's l
 sequence, exceed the budget. A request alone always starts, so the cache holds at most
 max(budget, one full-context row) positions, plus one old layer tensor while it is resized.
 
-On the CPU in float32 the model's linear layers are swapped for
-:class:`medgpt.fastlinear.SmallBatchLinear` (``fast_linear=True``, the default): decoding
+On the CPU in float32 the engine runs its own module tree over the caller's Parameters
+(:func:`medgpt.kernels.with_kernel_linears`: nothing copied, the caller's model unchanged) whose
+linear layers are :class:`medgpt.kernels.SmallBatchLinear`, and decodes with the kernel's
+attention (:data:`medgpt.kv_cache.KERNEL`) (``fast_linear=True``, the default): decoding
 multiplies a few rows by each weight matrix, a shape MKL runs on one core; see that module.
+The kernels are built and loaded by the thread that constructs the engine: construct it, warm
+it up and step it in one thread (one OpenMP pool).
 
 Sampling is per request: temperature (0 = greedy), top-k, top-p and a seed that drives that
 request's own generator, so the same seed and prompt give the same text whether the request
@@ -41,8 +45,10 @@ from typing import Any
 
 import torch
 
-from medgpt.fastlinear import MAX_ROWS, restore_linear, use_fast_linear, uses_fast_linear
-from medgpt.model import GPT, KVCache
+from medgpt import kernels
+from medgpt.kernels import MAX_ROWS
+from medgpt.kv_cache import KERNEL, SDPA, KVCache
+from medgpt.model import GPT
 from medgpt.tokenizer import EOT_ID, get_tokenizer
 
 MAX_STOP_STRINGS = 4
@@ -208,16 +214,21 @@ class Engine:
                 "kv_cache_tokens: must be a whole number of token positions >= 1 (rows x "
                 f"positions over the whole cache), or None for no limit; got {kv_cache_tokens!r}"
             )
-        self.model = model.eval()
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        # In place: the swapped layers share the model's Parameters and give the same results
-        # to float32 rounding; training and prefill still go through F.linear.
-        if fast_linear and self.device.type == "cpu" and dtype == torch.float32:
-            use_fast_linear(model)
-        elif not fast_linear:
-            restore_linear(model)
-        self.fast_linear = uses_fast_linear(model)
+        # The engine's own module tree over the caller's Parameters (no weight copied): its
+        # eval() and swapped layers never reach the model it was handed, which a trainer may
+        # still be training. The kernel's layers give F.linear's results to float32 rounding;
+        # training-mode calls and long prefills still go through F.linear.
+        use_kernel = fast_linear and self.device.type == "cpu" and dtype == torch.float32
+        if use_kernel:
+            self.model = kernels.with_kernel_linears(model).eval()
+        else:
+            self.model = kernels.shared_tree(model).eval()
+        # False where the kernels are unavailable or nothing was swapped (an int8 model).
+        self.fast_linear = kernels.uses_kernel_linears(self.model)
+        # The decode step's attention goes with the linear layers: the kernel's with theirs.
+        self.decode_backend = KERNEL if self.fast_linear else SDPA
         self.pack_prefill = pack_prefill  # see _packs; False = every prompt alone (a baseline)
         self.max_len = model.config.block_size
         self.max_batch_size = max_batch_size
@@ -314,7 +325,7 @@ class Engine:
         if decoding:
             idx = torch.tensor([s.last for s in decoding], device=self.device)
             pos = torch.tensor([s.position for s in decoding], device=self.device)
-            logits = self.model.decode_step(idx, pos, self.cache)
+            logits = self.model.decode_step(idx, pos, self.cache, self.decode_backend)
             events.extend(self._advance_all(decoding, logits))
         for seq in admitted:  # prefill: the prompt goes straight into a free cache row
             seq.row = len(self._running)
@@ -532,17 +543,7 @@ def complete(
     enc = get_tokenizer()
     ids = enc.encode_ordinary(prompt)[-(model.config.block_size - 1) :] or [EOT_ID]
     budget = min(max_new_tokens, model.config.block_size - len(ids))
-    was_training = model.training
-    # The Engine swaps the linear layers in place; a model being trained gets its own back
-    # (same Parameters either way), so a compiled or wrapped training model sees no change.
-    had_fast = uses_fast_linear(model)
-    try:
-        engine = Engine(model, max_batch_size=1)
-        params = SamplingParams(
-            max_new_tokens=budget, temperature=temperature, top_k=top_k, seed=seed
-        )
-        return engine.generate(ids, params)["text"]
-    finally:
-        if not had_fast:
-            restore_linear(model)
-        model.train(was_training)
+    # The Engine runs its own module tree: the model (perhaps being trained) is not changed.
+    engine = Engine(model, max_batch_size=1)
+    params = SamplingParams(max_new_tokens=budget, temperature=temperature, top_k=top_k, seed=seed)
+    return engine.generate(ids, params)["text"]

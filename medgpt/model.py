@@ -2,179 +2,31 @@
 
 Learned position embeddings, pre-LayerNorm blocks, GELU (tanh approximation), weights shared
 between the token embedding and the output head, and causal attention through
-``F.scaled_dot_product_attention``. The forward pass takes an optional :class:`KVCache` so the
-same module serves training (full sequences) and incremental decoding (one step at a time).
+``F.scaled_dot_product_attention``. The forward pass takes an optional
+:class:`medgpt.kv_cache.KVCache` so the same module serves training (full sequences) and
+incremental decoding (one step at a time); :meth:`GPT.decode_step` and :meth:`GPT.prefill` are
+the continuous-batching engine's passes (:mod:`medgpt.generation`), which owns the cache's rows
+and picks how a decode step attends (a :class:`medgpt.kv_cache.DecodeBackend`).
 
 Parameter names follow OpenAI's original GPT-2 layout (``transformer.h.0.attn.c_attn``...), which
-is also Hugging Face's; the only difference is that HF stores linear weights transposed (its
-``Conv1D``), which :func:`load_hf_gpt2` and :func:`save_hf_gpt2` account for.
+is also Hugging Face's; :mod:`medgpt.hf` converts from and to HF's GPT-2 folders.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import pickle
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from medgpt.config import ConfigError, ModelConfig, from_mapping
-from medgpt.errors import WeightsError
-from medgpt.fastlinear import SmallBatchLinear, decode_attention
+from medgpt.config import ModelConfig
 
+# KVCache is re-exported: it is what forward() takes, and `from medgpt.model import KVCache`
+# is how callers have always found it.
+from medgpt.kv_cache import SDPA, DecodeBackend, DecodePlan, KVCache
 
-class KVCache:
-    """Keys and values of past positions, preallocated for ``max_len`` positions.
-
-    ``pos`` is the number of positions already cached; the model appends the new ones and
-    advances it after the forward pass. One cache belongs to one batch of sequences that all
-    have the same length.
-
-    ``k[i]`` and ``v[i]`` are layer ``i``'s tensors of shape (batch, n_head, max_len, head_dim).
-    One tensor per layer rather than one for the whole cache, so that :meth:`resize` can free
-    each old layer as soon as it has been copied instead of holding two full caches at once.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.max_len = max_len or config.block_size
-        if self.max_len > config.block_size:
-            raise ValueError(f"max_len {self.max_len} exceeds block_size {config.block_size}")
-        self.block_size = config.block_size
-        shape = (batch_size, config.n_head, self.max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.k, *self.v))
-
-    def reset(self) -> None:
-        self.pos = 0
-
-    def row(self, r: int) -> KVCache:
-        """Row ``r`` as a one-sequence cache sharing this cache's memory: prefilling a new
-        request through it writes straight into its slot of a running batch."""
-        view = object.__new__(KVCache)
-        view.max_len, view.pos, view.block_size = self.max_len, 0, self.block_size
-        view.k = [t[r : r + 1] for t in self.k]
-        view.v = [t[r : r + 1] for t in self.v]
-        return view
-
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row ``src`` over row ``dst`` (keeps a batch's live rows contiguous)."""
-        for t in (*self.k, *self.v):
-            t[dst] = t[src]
-
-    def resize(self, batch_size: int, max_len: int) -> int:
-        """Reallocate for ``batch_size`` rows of ``max_len`` positions, keeping the leading
-        rows and positions that still fit. Returns the most bytes the cache held at once while
-        resizing: the larger of the old and new caches plus one layer tensor of the other."""
-        if not 0 < max_len <= self.block_size:
-            raise ValueError(f"max_len {max_len} not in [1, block_size {self.block_size}]")
-        rows, keep = min(batch_size, self.batch_size), min(max_len, self.max_len)
-        held = peak = self.nbytes
-        for tensors in (self.k, self.v):
-            for i, old in enumerate(tensors):
-                new = old.new_empty((batch_size, old.shape[1], max_len, old.shape[3]))
-                held += new.nbytes
-                peak = max(peak, held)
-                new[:rows, :, :keep] = old[:rows, :, :keep]
-                # Zero what was not copied (written once, unlike zeros() then a copy): masked
-                # positions still enter attention's weighted sum, where garbage NaNs would
-                # survive a zero weight.
-                new[rows:] = 0
-                new[:rows, :, keep:] = 0
-                tensors[i] = new
-                held -= old.nbytes
-                del old
-        self.max_len = max_len
-        return peak
-
-
-class _DecodeRows:
-    """Where each row's new token goes in a batched decode step, worked out once per step
-    rather than once per layer: how many cache positions the step's attention reads, which of
-    them each row may see, and the new entries' slots in a layer's cache.
-
-    With ``fast`` (the model's linear layers are on the CPU decode kernel) attention goes to
-    :func:`medgpt.fastlinear.decode_attention`, which needs only the positions."""
-
-    def __init__(
-        self, positions: torch.Tensor, last: int, n_head: int, max_len: int, fast: bool = False
-    ) -> None:
-        self.positions, self.n_head, self.max_len, self.fast = positions, n_head, max_len, fast
-        self.length = last + 1  # last = int(positions.max())
-        self.mask: torch.Tensor | None = None
-        self.flat: torch.Tensor | None = None
-        self._planned = False
-        if not fast:
-            self._plan()
-
-    def _plan(self) -> None:
-        # When every row is at the last position (a request alone, or rows in lockstep) each
-        # sees all `length` positions: no mask (SDPA is faster without), and the new entries
-        # are one column of the cache.
-        self._planned = True
-        positions, B = self.positions, self.positions.shape[0]
-        if bool((positions != self.length - 1).any()):
-            pos = torch.arange(self.length, device=positions.device)
-            self.mask = (pos <= positions[:, None])[:, None, None, :]
-            # Slots in a layer's cache viewed as (B * n_head * max_len, head_dim).
-            row = torch.arange(B, device=positions.device)[:, None] * (self.n_head * self.max_len)
-            head = torch.arange(self.n_head, device=positions.device)[None, :] * self.max_len
-            self.flat = (row + head + positions[:, None]).reshape(-1)
-
-    def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        """Store ``new`` (B, n_head, head_dim) into ``cache`` (rows, n_head, max_len, head_dim)."""
-        if not self._planned:
-            self._plan()
-        if self.flat is None:
-            cache[: new.shape[0], :, self.length - 1] = new
-        else:
-            cache.view(-1, cache.shape[-1]).index_copy_(
-                0, self.flat, new.reshape(-1, new.shape[-1])
-            )
-
-    def attend(
-        self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
-    ) -> torch.Tensor:
-        """The new keys and values of ``qkv`` (B, 3, n_head, head_dim) stored in the caches,
-        and each row's attention over its own positions: (B, n_head, head_dim)."""
-        if self.fast:
-            y = decode_attention(qkv, k_cache, v_cache, self.positions)
-            if y is not None:
-                return y
-        B = qkv.shape[0]
-        self.write(k_cache, qkv[:, 1])  # plans the mask too, where fast had skipped it
-        self.write(v_cache, qkv[:, 2])
-        y = F.scaled_dot_product_attention(
-            qkv[:, 0].unsqueeze(2),
-            k_cache[:B, :, : self.length],
-            v_cache[:B, :, : self.length],
-            attn_mask=self.mask,
-        )
-        return y.squeeze(2)
+__all__ = ["GPT", "KVCache", "count_params", "flops_per_token"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -283,7 +135,11 @@ class Block(nn.Module):
         return self._mlp_residual(x + attn.c_proj(torch.cat(ys)))
 
     def decode(
-        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: _DecodeRows
+        self,
+        x: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: DecodePlan,
     ) -> torch.Tensor:
         """One new position per row of ``x`` (B, n_embd), for :meth:`GPT.decode_step`: the
         same arithmetic as :meth:`forward` (without dropout) in fewer, cheaper tensor
@@ -356,23 +212,28 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def decode_step(
-        self, idx: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        backend: DecodeBackend = SDPA,
     ) -> torch.Tensor:
         """Next-token logits (B, vocab) for one new token per sequence, where sequence b is
         row b of ``kv_cache`` and its token sits at ``positions[b]`` — sequences of different
         lengths decode together (continuous batching). ``kv_cache.pos`` is not used.
 
-        Inference only: dropout is not applied, whatever the module's mode."""
+        ``backend`` is how each layer attends: :data:`medgpt.kv_cache.SDPA` (PyTorch's, any
+        device and dtype) or :data:`medgpt.kv_cache.KERNEL` (the CPU kernel; the caller has
+        checked it applies, as the Engine does). Inference only: dropout is not applied,
+        whatever the module's mode."""
         if idx.dim() != 1 or positions.shape != idx.shape:
             raise ValueError("decode_step takes idx and positions of shape (B,)")
-        last = int(positions.max())  # one read back per step, shared with _DecodeRows
+        last = int(positions.max())  # one read back per step, shared with the backend's plan
         if last >= kv_cache.max_len:
             raise ValueError(f"position {last} exceeds the cache of {kv_cache.max_len}")
         tr = self.transformer
         x = F.embedding(idx, tr.wte.weight) + F.embedding(positions, tr.wpe.weight)
-        # The CPU decode kernel's attention goes with its linear layers (use_fast_linear).
-        fast = isinstance(tr.h[0].attn.c_attn, SmallBatchLinear) if len(tr.h) else False
-        rows = _DecodeRows(positions, last, self.config.n_head, kv_cache.max_len, fast)
+        rows = backend.plan(positions, last, self.config.n_head, kv_cache.max_len)
         for i, block in enumerate(tr.h):
             x = block.decode(x, kv_cache.k[i], kv_cache.v[i], rows)
         return self.lm_head(tr.ln_f(x))
@@ -453,209 +314,3 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
     """
     T = seq_len or config.block_size
     return 6 * count_params(config) + 12 * config.n_layer * config.n_embd * T
-
-
-# --- Hugging Face GPT-2 weights ----------------------------------------------------------
-
-HF_HUB_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-# Linear layers that HF stores as Conv1D, i.e. with the weight transposed to (in, out).
-_TRANSPOSED = (
-    ".attn.c_attn.weight",
-    ".attn.c_proj.weight",
-    ".mlp.c_fc.weight",
-    ".mlp.c_proj.weight",
-)
-# Non-parameter buffers older HF checkpoints carry.
-_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
-
-def model_config_from_hf(hf: dict[str, Any], dropout: float = 0.0) -> ModelConfig:
-    """Map a Hugging Face ``GPT2Config`` dict onto ModelConfig, refusing variants we don't run."""
-    if not isinstance(hf, dict):
-        raise WeightsError(f"config.json: expected a JSON object, got {type(hf).__name__}")
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise WeightsError(f"config.json: model_type {hf.get('model_type')!r} is not 'gpt2'")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _TANH_GELUS:
-        raise WeightsError(
-            f"config.json: activation_function {act!r} is not supported "
-            f"(allowed: {', '.join(_TANH_GELUS)})"
-        )
-    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-        if hf.get(flag):
-            raise WeightsError(f"config.json: {flag}=true is not supported")
-    if hf.get("scale_attn_weights", True) is not True:
-        raise WeightsError("config.json: scale_attn_weights=false is not supported")
-    try:
-        config = from_mapping(
-            ModelConfig,
-            {
-                "n_layer": hf.get("n_layer", 12),
-                "n_head": hf.get("n_head", 12),
-                "n_embd": hf.get("n_embd", 768),
-                "block_size": hf.get("n_positions", 1024),
-                "vocab_size": hf.get("vocab_size", 50257),
-                "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
-                "dropout": dropout,
-            },
-        )
-    except ConfigError as e:
-        raise WeightsError(f"config.json: {e}") from None
-    if hf.get("n_inner") not in (None, 4 * config.n_embd):
-        raise WeightsError(f"config.json: n_inner {hf['n_inner']} is not 4 * n_embd")
-    return config
-
-
-def _read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise WeightsError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        hf_config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(hf_config, dict):
-        raise WeightsError(f"{cfg_path}: expected a JSON object, got {type(hf_config).__name__}")
-    st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
-    try:
-        if st.is_file():
-            state = load_file(str(st))
-        elif pt.is_file():
-            # weights_only: a .bin is a pickle, and loading must never run code from it.
-            state = torch.load(pt, map_location="cpu", weights_only=True)
-        else:
-            raise WeightsError(f"{folder}: neither model.safetensors nor pytorch_model.bin")
-    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        name = st.name if st.is_file() else pt.name
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(f"{folder / name}: cannot read weights ({first})") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise WeightsError(f"{folder}: the weights file does not hold a name -> tensor mapping")
-    return hf_config, state
-
-
-def _resolve_hf_source(source: str | os.PathLike[str]) -> Path:
-    path = Path(source)
-    if path.exists():
-        return path
-    name = str(source)
-    # A hub id is either one of OpenAI's sizes or "owner/name"; anything else is a bad path.
-    if name in HF_HUB_IDS or (name.count("/") == 1 and not name.startswith((".", "/"))):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(
-                snapshot_download(repo_id=name, allow_patterns=["config.json", "model.safetensors"])
-            )
-        except Exception as e:  # offline, unknown repo, auth: all one message for the user
-            raise WeightsError(
-                f"cannot download {name!r} from the Hugging Face hub "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "offline, pass a local folder holding config.json and model.safetensors"
-            ) from None
-    raise WeightsError(
-        f"no such model folder: {name} (or a hub id such as {', '.join(HF_HUB_IDS)})"
-    )
-
-
-def load_hf_gpt2(source: str | os.PathLike[str], dropout: float = 0.0) -> GPT:
-    """Our GPT with the weights of a Hugging Face GPT-2 (local folder, or hub id when online)."""
-    folder = _resolve_hf_source(source)
-    hf_config, hf_state = _read_hf_folder(folder)
-    config = model_config_from_hf(hf_config, dropout=dropout)
-    model = GPT(config)
-    ours = model.state_dict()
-    converted: dict[str, torch.Tensor] = {}
-    for key, tensor in hf_state.items():
-        name = key.removeprefix("transformer.")
-        if name.endswith(_HF_BUFFERS):
-            continue
-        if name == "lm_head.weight":
-            continue  # tied to wte; checked below
-        name = f"transformer.{name}"
-        if name not in ours:
-            raise WeightsError(f"{folder}: unexpected weight {key!r} for a GPT-2 model")
-        if name.endswith(_TRANSPOSED):
-            tensor = tensor.t()
-        if tensor.shape != ours[name].shape:
-            raise WeightsError(
-                f"{folder}: weight {key!r} has shape {tuple(tensor.shape)}, "
-                f"config.json implies {tuple(ours[name].shape)}"
-            )
-        converted[name] = tensor.to(torch.float32)
-    head = hf_state.get("lm_head.weight")
-    wte = converted.get("transformer.wte.weight")
-    if head is not None and wte is not None and not torch.equal(head.to(torch.float32), wte):
-        raise WeightsError(f"{folder}: lm_head.weight is not tied to wte.weight")
-    converted["lm_head.weight"] = wte if wte is not None else ours["lm_head.weight"]
-    missing = sorted(set(ours) - set(converted))
-    if missing:
-        raise WeightsError(f"{folder}: missing weight(s) {', '.join(missing[:3])}")
-    model.load_state_dict(converted, strict=True)
-    return model
-
-
-def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
-    """A config.json that ``transformers.GPT2LMHeadModel.from_pretrained`` accepts."""
-    if not config.bias:
-        raise WeightsError("Hugging Face GPT-2 has biases everywhere; bias=false cannot export")
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": config.layer_norm_epsilon,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-    }
-
-
-def save_hf_gpt2(model: GPT, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Write ``model`` as a Hugging Face GPT-2 folder (config.json, model.safetensors and the
-    GPT-2 vocabulary as vocab.json/merges.txt), atomically: the folder appears complete or not
-    at all."""
-    from medgpt.tokenizer import default_vocab_dir
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise WeightsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
-    config_json = hf_config_dict(model.config)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied: HF re-ties it from wte on load
-        t = tensor.detach().to("cpu", torch.float32)
-        if name.endswith(_TRANSPOSED):
-            t = t.t()
-        state[name] = t.contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        vocab = default_vocab_dir()
-        shutil.copyfile(vocab / "encoder.json", tmp / "vocab.json")
-        shutil.copyfile(vocab / "vocab.bpe", tmp / "merges.txt")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from medgpt.fastlinear import SmallBatchLinear, restore_linear
+from medgpt.kernels import SmallBatchLinear
 from medgpt.model import GPT
 
 __all__ = ["is_quantized", "quantize_int8", "weight_bytes"]
@@ -66,7 +66,6 @@ def quantize_int8(model: GPT, inplace: bool = False) -> GPT:
     if dtype != torch.float32:
         raise ValueError(f"quantize_int8 takes a float32 model, got {dtype}")
     target = model if inplace else copy.deepcopy(model)
-    restore_linear(target)  # an Engine's float32 layers, back to what quantize_dynamic converts
     target.eval()
     # The head is tied to the embedding: give it its own Parameter first, so that replacing the
     # head module can never touch the embedding the lookups still use.

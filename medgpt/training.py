@@ -33,7 +33,8 @@ from medgpt.checkpoint import (
 from medgpt.config import ModelConfig, Recipe, TrainConfig
 from medgpt.data.loader import WindowLoader, read_manifest
 from medgpt.errors import CheckpointError, DataError
-from medgpt.model import GPT, flops_per_token, load_hf_gpt2
+from medgpt.hf import load_hf_gpt2
+from medgpt.model import GPT, flops_per_token
 from medgpt.tokenizer import N_VOCAB, TOKENIZER_NAME
 
 

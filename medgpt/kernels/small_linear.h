@@ -4,10 +4,12 @@
  * NULL, y is (M, N). Made for small M (decoding, short prefills): each block of four rows of W
  * is read from memory once and used for every row of x while it sits in L1, so for a few rows
  * the cost stays close to one pass over W. MKL's gemv runs such shapes on one core and its
- * small-M sgemm is slower still (see medgpt/fastlinear.py); here OpenMP splits the rows of W
- * between threads.
+ * small-M sgemm is slower still (see medgpt/kernels/__init__.py); here OpenMP splits the rows
+ * of W between threads.
  *
- * Built at run time by medgpt/fastlinear.py with -O3 -mavx2 -mfma -fopenmp. */
+ * The loops only: ops.cpp checks the tensors and includes this; built at run time by
+ * medgpt/kernels with -O3 -mavx2 -mfma -fopenmp. */
+#pragma once
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -71,7 +73,7 @@ rows(const float *x, const float *w, const float *b, float *y, int64_t M, int64_
     else rows_of(x, w, b, y, M, K, N, R, 0);
 }
 
-void medgpt_small_linear(const float *x, const float *w, const float *b, float *y,
+static void medgpt_small_linear(const float *x, const float *w, const float *b, float *y,
                          int64_t M, int64_t K, int64_t N, int threads) {
     int64_t blocks = N / 4;
     /* Dynamic: a server's other processes (its HTTP proxy, the event loop) share these cores,

@@ -14,11 +14,12 @@
  * Every (row, head) is computed by one thread in a fixed order, whatever B is and wherever
  * the other rows are: a request's numbers do not depend on its batch.
  *
- * Built with small_linear.c into one library by medgpt/fastlinear.py. */
+ * The loops only: ops.cpp checks the tensors (positions included) and gives the scratch
+ * buffer, then calls medgpt_decode_attention. */
+#pragma once
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 static inline float hsum8(__m256 v) {
@@ -63,17 +64,13 @@ static void one_head(const float *q, const float *K, const float *V, float *y, i
     }
 }
 
-/* Returns 0; -2 when a position is outside 0..T-1, -1 when scratch memory could not be had
- * (nothing is written then). */
-int medgpt_decode_attention(const float *qkv, float *k_cache, float *v_cache,
-                            const int64_t *pos, float *y, int64_t B, int64_t H, int64_t T,
-                            int64_t D, float scale, int threads) {
-    for (int64_t b = 0; b < B; b++)
-        if (pos[b] < 0 || pos[b] >= T) return -2;
-    /* One scores buffer per (row, head): T floats each is at most a few MB at a full
-     * 1,024-position GPT-2 batch, and no thread needs to know which others run. */
-    float *scratch = malloc(sizeof(float) * (size_t)(B * H * T));
-    if (scratch == NULL) return -1;
+/* Every pos[b] in 0..T-1 (checked by the caller, before anything is written); scratch holds
+ * B * H * T floats: one scores buffer per (row, head), T floats each, at most a few MB at a
+ * full 1,024-position GPT-2 batch, and no thread needs to know which others run. */
+static void medgpt_decode_attention(const float *qkv, float *k_cache, float *v_cache,
+                                    const int64_t *pos, float *y, int64_t B, int64_t H,
+                                    int64_t T, int64_t D, float scale, int threads,
+                                    float *scratch) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t i = 0; i < B * H; i++) {
         const int64_t b = i / H, h = i % H, p = pos[b];
@@ -84,6 +81,4 @@ int medgpt_decode_attention(const float *qkv, float *k_cache, float *v_cache,
         memcpy(V + p * D, row + 2 * H * D, sizeof(float) * (size_t)D);
         one_head(row, K, V, y + (b * H + h) * D, p + 1, D, scale, scratch + i * T);
     }
-    free(scratch);
-    return 0;
 }
