@@ -11,7 +11,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,6 +115,116 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise
 
 
+# --- command-line flags declared on the fields ----------------------------------------------
+# A field made with option() is also a flag: argparse gets the flag and its help from the
+# field, and a flag given becomes an Override of the field's dotted key, checked against the
+# field's type here and against its ranges by from_mapping, like the same key in a YAML recipe
+# or a --set override.
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    flag: str,
+    help: str,
+) -> Any:
+    """A dataclass field that is also the command-line flag ``flag`` (``--max-steps``; a bool
+    declared ``--no-X`` turns the field off) described by ``help``."""
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata={"flag": flag, "help": help}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A declared flag: its name, the dotted config key it sets, the field's type, its help."""
+
+    flag: str
+    key: str
+    type: Any
+    help: str
+
+    @property
+    def negated(self) -> bool:
+        return self.type is bool and self.flag.startswith("--no-")
+
+    @property
+    def metavar(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_").upper()
+
+
+def flags_of(cls: type, prefix: str = "") -> list[Flag]:
+    """The flags declared on ``cls``'s fields and, with dotted keys, on its dataclass fields."""
+    hints = typing.get_type_hints(cls)
+    out: list[Flag] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if "flag" in f.metadata:
+            out.append(Flag(f.metadata["flag"], prefix + f.name, tp, f.metadata["help"]))
+        elif dataclasses.is_dataclass(tp):
+            out.extend(flags_of(tp, f"{prefix}{f.name}."))
+    return out
+
+
+def flag_for(cls: type, key: str, **changes: Any) -> Flag:
+    """The flag declared for ``key`` (e.g. ``job.storage_path``); ``changes`` replace some of
+    its parts where one command describes it in its own words (``help=...``)."""
+    for fl in flags_of(cls):
+        if fl.key == key:
+            return dataclasses.replace(fl, **changes)
+    raise KeyError(f"no flag is declared for {key} in {cls.__name__}")
+
+
+def add_flags(parser: Any, flags: Iterable[Flag]) -> None:
+    """Add ``flags`` to an argparse parser. Every default is None, so that only flags given
+    override a recipe; the value stays text until :func:`given_flags` reads it."""
+    for fl in flags:
+        if fl.type is bool:
+            action = "store_false" if fl.negated else "store_true"
+            parser.add_argument(fl.flag, dest=fl.key, action=action, default=None, help=fl.help)
+        elif typing.get_origin(fl.type) is list:
+            parser.add_argument(
+                fl.flag, dest=fl.key, action="append", metavar=fl.metavar, help=fl.help
+            )
+        else:
+            parser.add_argument(fl.flag, dest=fl.key, metavar=fl.metavar, help=fl.help)
+
+
+def _accepts_str(tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_accepts_str(a) for a in typing.get_args(tp))
+    return tp is str or tp is Any
+
+
+def _from_text(raw: Any, tp: Any) -> Any:
+    """A flag's text as the field's type reads it: text for a text field (``--name 2024`` is a
+    name, not a number), YAML otherwise (``--max-steps 40``)."""
+    if isinstance(raw, list):
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_from_text(r, inner) for r in raw]
+    if not isinstance(raw, str) or _accepts_str(tp):
+        return raw
+    return parse_scalar(raw)
+
+
+def given_flags(args: Any, flags: Iterable[Flag]) -> list[Override]:
+    """The flags given on the command line (an argparse namespace) as overrides of their
+    keys; a value of the wrong type is refused naming the flag, the key and the type."""
+    out: list[Override] = []
+    for fl in flags:
+        raw = getattr(args, fl.key, None)
+        if raw is None:
+            continue
+        try:
+            value = _coerce(_from_text(raw, fl.type), fl.type, fl.key)
+        except ConfigError as e:
+            raise ConfigError(f"{fl.flag}: {e}") from None
+        shown = fl.flag if isinstance(raw, bool) else f"{fl.flag} {raw}"
+        out.append(Override(fl.key, value, shown))
+    return out
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe; a missing file or YAML syntax error becomes a ConfigError."""
     p = Path(path)
@@ -198,13 +308,17 @@ DEFAULT_SAMPLE_PROMPTS = [
 class TrainConfig:
     """The optimisation: data, schedule, evaluation and checkpoint cadence."""
 
-    data_dir: str = "data/icd10cm"
+    data_dir: str = option(
+        "data/icd10cm", flag="--data", help="prepared dataset folder (train.data_dir)"
+    )
     # "scratch", a medgpt checkpoint folder, a Hugging Face GPT-2 folder, or a hub id (gpt2...)
-    init_from: str = "scratch"
+    init_from: str = option(
+        "scratch", flag="--init-from", help="scratch | checkpoint folder | HF folder | hub id"
+    )
     seq_len: int = 256  # tokens per training window (<= model.block_size)
     micro_batch_size: int = 8  # windows per forward pass on one worker
     batch_tokens: int = 16384  # tokens per optimizer step, all workers together
-    max_steps: int = 1000
+    max_steps: int = option(1000, flag="--max-steps", help="optimizer steps (train.max_steps)")
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 100
@@ -262,9 +376,13 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 class JobConfig:
     """Where and how a training run executes: Ray scaling, storage, fault tolerance, MLflow."""
 
-    name: str = "medgpt"  # fixed run name: running again with it resumes
-    storage_path: str = "runs"  # local folder or s3://, gs://; made absolute for the workers
-    num_workers: int = 2
+    name: str = option(  # fixed run name: running again with it resumes
+        "medgpt", flag="--name", help="run name; running again with the same name resumes"
+    )
+    storage_path: str = option(  # local folder or s3://, gs://; made absolute for the workers
+        "runs", flag="--storage", help="run storage folder or URI (job.storage_path)"
+    )
+    num_workers: int = option(2, flag="--num-workers", help="Ray Train workers (job.num_workers)")
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0  # worker-group restarts from the last checkpoint; -1 = unlimited
@@ -320,27 +438,72 @@ class Recipe:
         return from_mapping(cls, data)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) onto a recipe mapping."""
-    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+# --- overrides ---------------------------------------------------------------------------------
+# ``KEY.PATH=VALUE`` with the value read as YAML: one parser for ``--set`` on every command (a
+# recipe's section.key, a sweep's sweep.KEY / gate.KEY / space.SECTION.KEY) and for the flags
+# declared on the dataclasses below, which become overrides of their own keys.
+
+OVERRIDE_FORM = "section.key=value (e.g. train.lr=3e-4)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """One setting: a dotted key, its value, and what the user wrote (for messages)."""
+
+    key: str
+    value: Any
+    given: str = ""
+
+    @property
+    def path(self) -> list[str]:
+        return self.key.split(".")
+
+    @property
+    def head(self) -> str:
+        return self.path[0]
+
+    @property
+    def rest(self) -> str:
+        """The key after its first part: ``space.train.lr`` -> ``train.lr``."""
+        return self.key.partition(".")[2]
+
+
+def parse_override(item: str, form: str = OVERRIDE_FORM, dotted: bool = False) -> Override:
+    """Read ``KEY.PATH=VALUE``; ``dotted``: the key must have a section (``sweep.name``), and
+    ``form`` is what the error message says was expected."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not all(key.split(".")) or (dotted and "." not in key):
+        raise ConfigError(f"override {item!r}: expected {form}")
+    return Override(key, parse_scalar(raw), item)
+
+
+def set_path(
+    data: Mapping[str, Any], path: Sequence[str], value: Any, given: str
+) -> dict[str, Any]:
+    """A copy of ``data`` with ``value`` at ``path``; the sections on the way are copied, so
+    the caller's mapping (a recipe another trial also starts from) is never changed."""
+    out = dict(data)
+    node = out
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, Mapping):
+            raise ConfigError(f"override {given!r}: {part} is not a section")
+        node[part] = child = dict(child)
+        node = child
+    node[path[-1]] = value
+    return out
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str | Override]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (or :class:`Override` objects, e.g. from flags) onto
+    a recipe mapping; the result goes to :func:`from_mapping`, which checks it."""
+    out = dict(data)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.lr=3e-4)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        parts = key.strip().split(".")
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-            node = child
-        node[parts[-1]] = value
+        o = item if isinstance(item, Override) else parse_override(item)
+        out = set_path(out, o.path, o.value, o.given or o.key)
     return out
 
 
