@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from medgpt.api import MAX_BODY_BYTES, PAGE_MAX_BODY_BYTES
-from tests.web_support import serve_app, tiny_checkpoint, web_server
+from medgpt.testing.serving import serve_app, tiny_checkpoint, web_server
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from flask import Flask
 
 from medgpt.errors import ConfigError
 from medgpt.testing import free_port, wait_for
-from tests.web_support import (
+from medgpt.testing.serving import (
     MODEL_ID,
     closed_port_url,
     serve_app,

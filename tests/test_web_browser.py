@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from medgpt.testing import wait_for
-from tests.web_support import (
+from medgpt.testing.serving import (
     MODEL_ID,
     closed_port_url,
     serve_app,

@@ -1,5 +1,6 @@
-"""What the web tests share: a real Serve app on a tiny checkpoint (on the session's Ray
-cluster), and the page as `medgpt web` runs it (gunicorn, in a process of its own)."""
+"""What the Serve and page tests share: a real Serve app on a tiny checkpoint (on a running
+Ray cluster), and the page as `medgpt web` runs it (gunicorn, in a process of its own).
+torch and Ray are imported only by the functions that need them."""
 
 from __future__ import annotations
 
