@@ -34,7 +34,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medgpt.config import ModelConfig, Recipe, TrainConfig, from_mapping, load_yaml
+from medgpt.config import (
+    ModelConfig,
+    Override,
+    Recipe,
+    TrainConfig,
+    from_mapping,
+    load_yaml,
+    option,
+    parse_override,
+    set_path,
+)
 from medgpt.errors import ConfigError, MedgptError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -114,9 +124,16 @@ class Distribution:
 class SweepConfig:
     """How the search runs."""
 
-    name: str = "sweep"  # the sweep folder <storage>/<name> and MLflow parent run; rerun = resume
-    num_samples: int = 4  # trials (times the grid's size when the space has grid entries)
-    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs/GPUs hold at once
+    # The sweep folder <storage>/<name> and the MLflow parent run; rerun = resume.
+    name: str = option(
+        "sweep", flag="--name", help="sweep name (sweep.name); rerun a name to resume it"
+    )
+    # Trials (times the grid's size when the space has grid entries).
+    num_samples: int = option(4, flag="--num-samples", help="trials (sweep.num_samples)")
+    # 0 = as many as the cluster's CPUs/GPUs hold at once.
+    max_concurrent_trials: int = option(
+        0, flag="--max-concurrent", help="at most this many trials at once (0 = fit cluster)"
+    )
     search: str = "auto"  # auto (optuna if installed, else random) | random | optuna | hyperopt
     seed: int = 0  # the search algorithm's seed: the same file samples the same trials
     scheduler: str = "asha"  # asha (early stopping on val_loss) | fifo (run every trial out)
@@ -145,7 +162,9 @@ class SweepConfig:
 class GateConfig:
     """The readiness gate applied to the sweep's best checkpoint."""
 
-    max_loss: float | None = None  # None: report the best trial, gate nothing
+    max_loss: float | None = option(  # None: report the best trial, gate nothing
+        None, flag="--max-loss", help="the gate's threshold (gate.max_loss)"
+    )
     data: list[str] | None = None  # default: the recipe's dataset (its val split)
 
     def __post_init__(self) -> None:
@@ -179,18 +198,14 @@ class TuneSpec:
 SECTIONS = ("recipe", "overrides", "space", "sweep", "gate")
 
 
-def _set_dotted(recipe: dict[str, Any], key: str, value: Any) -> None:
-    section, _, field = key.partition(".")
-    recipe.setdefault(section, {})
-    recipe[section] = {**recipe[section], field: value}
+OVERRIDE_FORM = "key=value (e.g. sweep.num_samples=8)"
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
-    """Read a sweep file; ``overrides`` are ``key=value`` strings: ``sweep.*``/``gate.*`` set
-    those sections, ``space.section.key=<distribution>`` a searched value, anything else
-    (``train.max_steps=20``) a fixed recipe value for every trial."""
-    import yaml
-
+def load_spec(path: str | Path, overrides: list[str | Override] | None = None) -> TuneSpec:
+    """Read a sweep file; ``overrides`` are ``key=value`` strings (or parsed overrides, e.g.
+    from flags): ``sweep.*``/``gate.*`` set those sections, ``space.section.key=<distribution>``
+    a searched value, anything else (``train.max_steps=20``) a fixed recipe value for every
+    trial."""
     p = Path(path)
     data = load_yaml(p)
     unknown = sorted(set(data) - set(SECTIONS))
@@ -202,21 +217,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
         if not isinstance(data[section], Mapping):
             raise ConfigError(f"{p}: {section}: expected a mapping, got {data[section]!r}")
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or "." not in key:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. sweep.num_samples=8)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        head, _, rest = key.partition(".")
-        if head in ("sweep", "gate"):
-            data[head] = {**data[head], rest: value}
-        elif head == "space":
-            data["space"] = {**data["space"], rest: value}
-        else:
-            data["overrides"] = {**data["overrides"], key: value}
+        o = item if isinstance(item, Override) else parse_override(item, OVERRIDE_FORM, True)
+        # sweep.KEY, gate.KEY and space.SECTION.KEY land in their sections; the sections
+        # "overrides" and "space" are keyed by the recipe's dotted keys, as in the file.
+        section = o.head if o.head in ("sweep", "gate", "space") else "overrides"
+        data[section] = {**data[section], (o.key if section == "overrides" else o.rest): o.value}
 
     base = data.get("recipe")
     if base is None:
@@ -233,7 +238,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
     for key, value in data["overrides"].items():
         if "." not in str(key):
             raise ConfigError(f"overrides.{key}: expected section.key (e.g. train.max_steps)")
-        _set_dotted(recipe, str(key), value)
+        recipe = set_path(recipe, str(key).split("."), value, f"overrides.{key}={value!r}")
     # The recipe on its own must be valid before anything is searched.
     Recipe.from_dict(recipe)
 
@@ -273,9 +278,9 @@ def _parse_key(key: str, value: Any) -> Distribution:
 
 
 def trial_recipe(base: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    recipe = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    recipe = dict(base)
     for key, value in values.items():
-        _set_dotted(recipe, key, value)
+        recipe = set_path(recipe, key.split("."), value, f"{key}={value!r}")
     return recipe
 
 
