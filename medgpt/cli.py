@@ -19,79 +19,62 @@ DEFAULT_QUICKSTART_DATA = "data/icd10cm"
 QUICKSTART_MAX_LOSS = 6.0
 
 
+def _prepare_flags() -> tuple[list[Any], list[Any]]:
+    """The flags of ``medgpt prepare``, declared on PrepareConfig, and on SourceSpec for the
+    per-source options that apply to every --source given."""
+    from medgpt.config import flags_of
+    from medgpt.data.prepare import PrepareConfig
+    from medgpt.data.sources import SourceSpec
+
+    return flags_of(PrepareConfig), flags_of(SourceSpec, "source.")
+
+
 def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    # Defaults are None so that only flags given explicitly override a --config recipe.
-    p.add_argument(
-        "--source",
-        action="append",
-        metavar="SOURCE",
-        help="a corpus, repeatable: a file or folder (.txt .md .jsonl .csv .parquet, MedQuAD "
-        ".xml), builtin:icd10cm, or hf:NAME[:split] (needs network)",
-    )
-    p.add_argument("--out", help="output folder for shards and manifest.json")
+    from medgpt.config import add_flags
+
+    config_flags, source_flags = _prepare_flags()
     p.add_argument("--config", help="YAML recipe with the same keys (per-source options too)")
-    p.add_argument("--val-fraction", type=float, help="share of documents for validation (0.05)")
-    p.add_argument("--seed", type=int, help="seed of the train/val split (1337)")
-    p.add_argument("--shard-tokens", type=int, help="tokens per shard file (50000000)")
-    p.add_argument("--workers", type=int, help="tokenizer threads, 0 = all cores (0)")
-    p.add_argument("--text-field", help="jsonl field / csv or parquet column with the text")
-    p.add_argument("--question-field", help="with --answer-field: render question/answer pairs")
-    p.add_argument("--answer-field", help="see --question-field")
-    p.add_argument("--template", help="QA template with {question} and {answer}")
-    p.add_argument(
-        "--no-dedupe",
-        dest="dedupe",
-        action="store_false",
-        default=None,
-        help="keep exact duplicate documents",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        default=None,
-        help="replace a different dataset already in --out",
-    )
+    add_flags(p, config_flags)
+    add_flags(p, source_flags)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def _prepare_config(args: argparse.Namespace) -> Any:
-    from medgpt.config import ConfigError, load_yaml
+    import dataclasses
+
+    from medgpt.config import ConfigError, given_flags, load_yaml
     from medgpt.data.prepare import PrepareConfig
 
+    config_flags, source_flags = _prepare_flags()
     data: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    source_opts = {
-        k: v
-        for k, v in {
-            "text_field": args.text_field,
-            "question_field": args.question_field,
-            "answer_field": args.answer_field,
-            "template": args.template,
-        }.items()
-        if v is not None
+    source_opts = {o.rest: o.value for o in given_flags(args, source_flags)}
+    given = given_flags(args, config_flags)
+    for o in given:
+        # --source replaces the recipe's sources; the per-source flags go with each of them.
+        data[o.key] = (
+            [{"uri": s, **source_opts} for s in o.value] if o.key == "sources" else o.value
+        )
+    if source_opts and "sources" not in {o.key for o in given}:
+        raise ConfigError(f"{'/'.join(f.flag for f in source_flags)} need --source")
+    required = {
+        f.name
+        for f in dataclasses.fields(PrepareConfig)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
-    if args.source:
-        data["sources"] = [{"uri": s, **source_opts} for s in args.source]
-    elif source_opts:
-        raise ConfigError("--text-field/--question-field/--answer-field/--template need --source")
-    for key in ("out", "val_fraction", "seed", "shard_tokens", "workers", "dedupe", "overwrite"):
-        value = getattr(args, key)
-        if value is not None:
-            data[key] = value
-    for key in ("sources", "out"):
-        if key not in data:
-            flag = "--source" if key == "sources" else "--out"
-            raise ConfigError(f"missing {flag} (or '{key}' in --config)")
+    for fl in config_flags:
+        if fl.key in required and fl.key not in data:
+            raise ConfigError(f"missing {fl.flag} (or '{fl.key}' in --config)")
     return PrepareConfig.from_dict(data)
 
 
-def _print_summary(manifest: dict[str, Any], out: str) -> None:
+def _print_summary(result: Any) -> None:
+    """The lines of a PrepareResult: what was done, and the counts per source."""
+    manifest = result.manifest
     splits = manifest["splits"]
     status = (
-        "up to date (identical output already there)"
-        if manifest["_status"] == "unchanged"
-        else "written"
+        "up to date (identical output already there)" if result.status == "unchanged" else "written"
     )
-    print(f"dataset {out}: {status} in {manifest['_seconds']:.1f} s")
+    print(f"dataset {result.out}: {status} in {result.seconds:.1f} s")
     print(
         f"  {'source':<28}{'train docs':>12}{'train tokens':>15}{'val docs':>10}{'val tokens':>13}"
     )
@@ -106,16 +89,16 @@ def _print_summary(manifest: dict[str, Any], out: str) -> None:
     )
     d = manifest["dropped"]
     print(f"  dropped: {d['empty']} empty, {d['duplicate']} duplicate documents")
-    print(f"  content hash {manifest['content_hash'][:16]}  manifest {Path(out) / 'manifest.json'}")
+    print(f"  content hash {manifest['content_hash'][:16]}  manifest {result.manifest_path}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from medgpt.data.prepare import prepare
 
     cfg = _prepare_config(args)
-    manifest = prepare(cfg, progress=False if args.quiet else None)
+    result = prepare(cfg, progress=False if args.quiet else None)
     if not args.quiet:
-        _print_summary(manifest, cfg.out)
+        _print_summary(result)
     return 0
 
 
@@ -131,7 +114,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     steps = 3 if args.no_serve else 4
     print(f"[1/{steps}] preparing the builtin ICD-10-CM corpus into {args.data}", flush=True)
     cfg = PrepareConfig(sources=["builtin:icd10cm"], out=args.data)
-    _print_summary(prepare(cfg), cfg.out)
+    _print_summary(prepare(cfg))
     recipe_path = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
     print(f"[2/{steps}] training {recipe_path.name} on 2 Ray workers (a few minutes)", flush=True)
     recipe = Recipe.from_dict(

@@ -16,7 +16,13 @@ import pytest
 
 import medgpt.data.prepare as prep
 from medgpt.cli import main
-from medgpt.data.prepare import INDEX_DTYPE, PrepareConfig, clean_text, prepare
+from medgpt.data.prepare import (
+    INDEX_DTYPE,
+    PrepareConfig,
+    PrepareResult,
+    clean_text,
+    prepare,
+)
 from medgpt.data.sources import SourceSpec
 from medgpt.errors import ConfigError, DataError
 from medgpt.tokenizer import get_tokenizer
@@ -42,7 +48,7 @@ def write_txt_folder(folder: Path, texts: list[str]) -> Path:
     return folder
 
 
-def run(sources, out: Path, **options) -> dict:
+def run(sources, out: Path, **options) -> PrepareResult:
     srcs = [s if isinstance(s, SourceSpec) else str(s) for s in sources]
     return prepare(PrepareConfig(sources=srcs, out=str(out), **options), progress=False)
 
@@ -134,9 +140,11 @@ def test_output_layout_and_manifest(tmp_path, corpus):
     out = tmp_path / "out"
     m = run(sources, out, shard_tokens=64, val_fraction=0.3, seed=5)
 
-    assert m["_status"] == "written"
+    assert m.status == "written"
+    assert m.seconds > 0 and m.out == str(out) and m.manifest_path == out / "manifest.json"
     disk = manifest_of(out)
-    assert {k: v for k, v in m.items() if not k.startswith("_")} == disk
+    # The result carries the manifest exactly as written: nothing of the run's own mixed in.
+    assert m.manifest == disk
     assert disk["format"] == "medgpt-token-shards"
     assert disk["format_version"] == 2
     assert disk["dtype"] == "uint16"
@@ -209,7 +217,11 @@ def test_literal_endoftext_in_a_document_is_ordinary_text(tmp_path):
     out = tmp_path / "out"
     m = run([write_jsonl(tmp_path / "c.jsonl", texts)], out, val_fraction=0.3)
     n_eot = sum(int((tokens_of(out, s) == EOT).sum()) for s in ("train", "val"))
-    assert n_eot == m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 41
+    assert (
+        n_eot
+        == m.manifest["splits"]["train"]["documents"] + m.manifest["splits"]["val"]["documents"]
+        == 41
+    )
 
 
 # --- cleaning ----------------------------------------------------------------------------------
@@ -237,16 +249,20 @@ def test_empty_and_duplicate_documents_dropped_and_counted(tmp_path):
     src = write_txt_folder(tmp_path / "c", texts)
 
     m = run([src], tmp_path / "dedup", val_fraction=0.3)
-    assert m["documents_read"] == 46
-    assert m["dropped"] == {"empty": 2, "duplicate": 2}
-    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 42
+    assert m.manifest["documents_read"] == 46
+    assert m.manifest["dropped"] == {"empty": 2, "duplicate": 2}
+    assert (
+        m.manifest["splits"]["train"]["documents"] + m.manifest["splits"]["val"]["documents"] == 42
+    )
     docs = docs_of(tmp_path / "dedup", "train") + docs_of(tmp_path / "dedup", "val")
     assert docs.count("alpha beta") == 1
     assert "" not in docs
 
     m = run([src], tmp_path / "keep", val_fraction=0.3, dedupe=False)
-    assert m["dropped"] == {"empty": 2, "duplicate": 0}
-    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 44
+    assert m.manifest["dropped"] == {"empty": 2, "duplicate": 0}
+    assert (
+        m.manifest["splits"]["train"]["documents"] + m.manifest["splits"]["val"]["documents"] == 44
+    )
     docs = docs_of(tmp_path / "keep", "train") + docs_of(tmp_path / "keep", "val")
     assert docs.count("alpha beta") == 3
     # duplicates share a split (the split is decided by the text)
@@ -275,7 +291,10 @@ def test_split_is_deterministic_and_seeded(tmp_path, corpus):
 
 def test_val_share_is_near_val_fraction(tmp_path, many_docs):
     m = run([many_docs], tmp_path / "out", val_fraction=0.1, seed=3)
-    n_train, n_val = m["splits"]["train"]["documents"], m["splits"]["val"]["documents"]
+    n_train, n_val = (
+        m.manifest["splits"]["train"]["documents"],
+        m.manifest["splits"]["val"]["documents"],
+    )
     assert n_train + n_val == 3000
     assert 0.08 < n_val / 3000 < 0.12
     assert not set(docs_of(tmp_path / "out", "train")) & set(docs_of(tmp_path / "out", "val"))
@@ -297,7 +316,7 @@ def test_medquad_groups_stay_in_one_split(tmp_path):
         )
     out = tmp_path / "out"
     m = run([tmp_path / "medquad"], out, val_fraction=0.3, seed=11)
-    assert set(m["per_source"]) == {"GHR"}
+    assert set(m.manifest["per_source"]) == {"GHR"}
     split_of_topic: dict[int, set[str]] = {}
     for split in ("train", "val"):
         for doc in docs_of(out, split):
@@ -306,8 +325,8 @@ def test_medquad_groups_stay_in_one_split(tmp_path):
     assert len(split_of_topic) == 40
     assert all(len(s) == 1 for s in split_of_topic.values()), split_of_topic
     assert {next(iter(s)) for s in split_of_topic.values()} == {"train", "val"}
-    assert m["splits"]["train"]["documents"] % 3 == 0
-    assert m["splits"]["val"]["documents"] % 3 == 0
+    assert m.manifest["splits"]["train"]["documents"] % 3 == 0
+    assert m.manifest["splits"]["val"]["documents"] % 3 == 0
 
 
 def test_parallel_tokenisation_is_identical(tmp_path, many_docs):
@@ -338,8 +357,8 @@ def test_rerun_into_same_folder_is_unchanged(tmp_path, corpus):
     first = run(sources, out, shard_tokens=64, val_fraction=0.3)
     before = snapshot(out)
     again = run(sources, out, shard_tokens=64, val_fraction=0.3)
-    assert again["_status"] == "unchanged"
-    assert again["content_hash"] == first["content_hash"]
+    assert again.status == "unchanged"
+    assert again.manifest["content_hash"] == first.manifest["content_hash"]
     assert snapshot(out) == before  # bytes and mtimes
     assert not list(out.glob(".staging-*"))
 
@@ -356,7 +375,7 @@ def test_dataset_of_an_older_format_is_rebuilt_in_place(tmp_path, corpus):
         (out / manifest["splits"][split].pop("index")["file"]).unlink()
     (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     m = run(sources, out, shard_tokens=64, val_fraction=0.3)
-    assert m["_status"] == "written"
+    assert m.status == "written"
     assert manifest_of(out)["format_version"] == 2
     assert (out / "val_index.bin").is_file()
 
@@ -369,7 +388,7 @@ def test_stale_staging_folder_is_swept(tmp_path, corpus):
     stale.mkdir()
     (stale / "train_0000.bin").write_bytes(b"\x00\x01" * 10)
     m = run(sources, out, val_fraction=0.3)
-    assert m["_status"] == "unchanged"
+    assert m.status == "unchanged"
     assert not stale.exists()
 
     fresh = tmp_path / "fresh"
@@ -465,7 +484,7 @@ def test_failed_overwrite_keeps_previous_dataset(tmp_path, corpus, monkeypatch):
         run(sources, out, shard_tokens=64, val_fraction=0.3, seed=3, overwrite=True, workers=1)
     assert saw[0] > 0
     assert snapshot(out) == before
-    assert manifest_of(out)["content_hash"] == good["content_hash"]
+    assert manifest_of(out)["content_hash"] == good.manifest["content_hash"]
 
 
 # --- output folder conflicts -------------------------------------------------------------------
@@ -492,8 +511,8 @@ def test_overwrite_replaces_dataset(tmp_path, corpus):
     old = run(sources, out, val_fraction=0.3, seed=1, shard_tokens=32)
     n_old_files = len(list(out.iterdir()))
     new = run(sources, out, val_fraction=0.3, seed=2, shard_tokens=256, overwrite=True)
-    assert new["_status"] == "written"
-    assert new["content_hash"] != old["content_hash"]
+    assert new.status == "written"
+    assert new.manifest["content_hash"] != old.manifest["content_hash"]
     disk = manifest_of(out)
     assert disk["recipe"]["seed"] == 2
     assert disk["recipe"]["shard_tokens"] == 256
@@ -517,7 +536,7 @@ def test_changed_input_same_recipe_needs_overwrite(tmp_path):
     assert snapshot(out) == before
     assert not list(out.glob(".staging-*"))
     m = run([src], out, val_fraction=0.3, overwrite=True)
-    assert m["_status"] == "written"
+    assert m.status == "written"
     assert all(d.endswith("(edited)") for d in docs_of(out, "train"))
 
 
@@ -527,12 +546,12 @@ def test_overwrite_with_new_recipe_but_same_shards_updates_manifest(tmp_path):
     out = tmp_path / "out"
     run([src], out, val_fraction=0.3)
     m = run([src], out, val_fraction=0.3, dedupe=False, overwrite=True)
-    assert m["recipe"]["dedupe"] is False
+    assert m.manifest["recipe"]["dedupe"] is False
     assert manifest_of(out)["recipe"]["dedupe"] is False, (
         "manifest on disk still has the old recipe"
     )
     # ... so that the same recipe is accepted again without --overwrite
-    assert run([src], out, val_fraction=0.3, dedupe=False)["_status"] == "unchanged"
+    assert run([src], out, val_fraction=0.3, dedupe=False).status == "unchanged"
 
 
 def test_folder_with_unrelated_files_is_refused(tmp_path, corpus):
@@ -580,8 +599,8 @@ def test_unreadable_manifest_is_replaced_with_overwrite(tmp_path, corpus):
     run(sources, out, val_fraction=0.3)
     (out / "manifest.json").write_text("{not json", encoding="utf-8")
     m = run(sources, out, val_fraction=0.3, overwrite=True)
-    assert m["_status"] == "written"
-    assert manifest_of(out)["content_hash"] == m["content_hash"]
+    assert m.status == "written"
+    assert manifest_of(out)["content_hash"] == m.manifest["content_hash"]
 
 
 def test_manifest_that_is_not_an_object_is_a_data_error(tmp_path, corpus):
@@ -935,11 +954,17 @@ def test_cli_out_is_a_file(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-def test_cli_argparse_errors_exit_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["prepare", "--source", "a.jsonl", "--out", str(tmp_path / "o"), "--seed", "abc"])
+def test_cli_bad_flag_value_exits_2_naming_flag_key_and_type(tmp_path, capsys):
+    argv = ["prepare", "--source", "a.jsonl", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--seed", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err == "medgpt prepare: error: --seed: seed: expected int, got 'abc'\n"
+    # A range the dataclass checks names the key, as the same key in a recipe would.
+    assert main([*argv, "--val-fraction", "2"]) == 2
+    assert "val_fraction: must be in (0, 1), got 2.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an unknown flag is still argparse's
+        main([*argv, "--sed", "3"])
     assert e.value.code == 2
-    assert "--seed" in capsys.readouterr().err
 
 
 def test_jobs_script(tmp_path):
@@ -974,7 +999,7 @@ def test_real_medquad(tmp_path):
     if not MEDQUAD.is_dir():
         pytest.skip(f"real MedQuAD sample not found at {MEDQUAD}")
     out = tmp_path / "medquad"
-    m = run([MEDQUAD], out)
+    m = run([MEDQUAD], out).manifest
     assert {"CancerGov", "GARD", "GHR"} <= set(m["per_source"])
     assert m["splits"]["train"]["tokens"] > 1_000_000
     assert m["splits"]["val"]["tokens"] > 10_000

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from medgpt.config import ConfigError, from_mapping
+from medgpt.config import ConfigError, from_mapping, option
 from medgpt.data.sources import Document, SourceSpec, read_source
 from medgpt.errors import DataError
 from medgpt.tokenizer import EOT_ID, N_VOCAB, TOKENIZER_NAME, get_tokenizer
@@ -61,14 +61,26 @@ _SHARD_RE = re.compile(r"^(train|val)_(\d{4,}|index)\.bin$")
 class PrepareConfig:
     """What ``medgpt prepare`` builds. ``sources`` entries are URIs or SourceSpec mappings."""
 
-    sources: list[SourceSpec | str]
-    out: str
-    val_fraction: float = 0.05
-    seed: int = 1337
-    shard_tokens: int = 50_000_000  # 100 MB per shard
-    dedupe: bool = True
-    workers: int = 0  # tokenizer threads; 0 = one per core
-    overwrite: bool = False
+    sources: list[SourceSpec | str] = option(  # noqa: RUF009 - a dataclasses.field
+        flag="--source",
+        help="a corpus, repeatable: a file or folder (.txt .md .jsonl .csv .parquet, MedQuAD "
+        ".xml), builtin:icd10cm, or hf:NAME[:split] (needs network)",
+    )
+    out: str = option(flag="--out", help="output folder for shards and manifest.json")
+    val_fraction: float = option(
+        0.05, flag="--val-fraction", help="share of documents for validation (0.05)"
+    )
+    seed: int = option(1337, flag="--seed", help="seed of the train/val split (1337)")
+    shard_tokens: int = option(  # 100 MB per shard
+        50_000_000, flag="--shard-tokens", help="tokens per shard file (50000000)"
+    )
+    dedupe: bool = option(True, flag="--no-dedupe", help="keep exact duplicate documents")
+    workers: int = option(  # tokenizer threads; 0 = one per core
+        0, flag="--workers", help="tokenizer threads, 0 = all cores (0)"
+    )
+    overwrite: bool = option(
+        False, flag="--overwrite", help="replace a different dataset already in --out"
+    )
 
     def __post_init__(self) -> None:
         specs: list[SourceSpec | str] = []
@@ -266,8 +278,23 @@ def _check_out_dir(out: Path, cfg: PrepareConfig) -> dict[str, Any] | None:
     return old
 
 
-def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
-    """Build the token shards and manifest described by ``cfg``; returns the manifest."""
+@dataclasses.dataclass
+class PrepareResult:
+    """What :func:`prepare` did: the manifest (exactly what ``manifest.json`` holds), whether
+    it wrote the folder or found it already up to date, and how long it took."""
+
+    manifest: dict[str, Any]
+    status: str  # "written" | "unchanged" (identical output already there)
+    seconds: float
+    out: str
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.out) / MANIFEST
+
+
+def prepare(cfg: PrepareConfig, progress: bool | None = None) -> PrepareResult:
+    """Build the token shards and manifest described by ``cfg``."""
     out = Path(cfg.out)
     old_manifest = _check_out_dir(out, cfg)
     created_out = not out.exists()
@@ -280,7 +307,7 @@ def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
         if old_manifest == manifest:
             # Same recipe, same input: the folder already holds these exact bytes.
             shutil.rmtree(staging)
-            manifest["_status"] = "unchanged"
+            status = "unchanged"
         else:
             if old_manifest and not cfg.overwrite:
                 # The recipe matched (checked up front), so the input files changed.
@@ -290,14 +317,13 @@ def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
                     f"{manifest['content_hash'][:12]}); choose another folder or pass --overwrite"
                 )
             _install(staging, out, manifest_bytes)
-            manifest["_status"] = "written"
+            status = "written"
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created_out and out.exists() and not any(out.iterdir()):
             out.rmdir()
         raise
-    manifest["_seconds"] = time.perf_counter() - started
-    return manifest
+    return PrepareResult(manifest, status, time.perf_counter() - started, cfg.out)
 
 
 def _install(staging: Path, out: Path, manifest_bytes: bytes) -> None:

@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
-from medgpt.config import ConfigError
+from medgpt.config import ConfigError, option
 from medgpt.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -46,10 +46,17 @@ class SourceSpec:
     """One corpus and how to read it."""
 
     uri: str
-    text_field: str = "text"  # jsonl field / csv or parquet column / hf column
-    question_field: str | None = None  # with answer_field: render a QA pair with template
-    answer_field: str | None = None
-    template: str = DEFAULT_QA_TEMPLATE
+    # The flags of `medgpt prepare` apply these to every --source given.
+    text_field: str = option(  # jsonl field / csv or parquet column / hf column
+        "text", flag="--text-field", help="jsonl field / csv or parquet column with the text"
+    )
+    question_field: str | None = option(  # with answer_field: render a QA pair with template
+        None, flag="--question-field", help="with --answer-field: render question/answer pairs"
+    )
+    answer_field: str | None = option(None, flag="--answer-field", help="see --question-field")
+    template: str = option(
+        DEFAULT_QA_TEMPLATE, flag="--template", help="QA template with {question} and {answer}"
+    )
     name: str | None = None  # label in the manifest; default derived from uri
 
     def __post_init__(self) -> None:
