@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medgpt.config import ConfigError, ModelConfig, from_mapping
-from medgpt.errors import CheckpointError, MedgptError
-from medgpt.fsutil import staged_dir
+from medgpt.errors import CheckpointError
+from medgpt.fsutil import read_json_object, staged_dir
 from medgpt.model import GPT
 from medgpt.tokenizer import TOKENIZER_NAME
 
@@ -44,6 +44,7 @@ WEIGHTS, CONFIG, META, TRAIN_STATE = (
     "train_state.pt",
 )
 _TIED = "lm_head.weight"
+_INCOMPLETE = "missing (not a complete medgpt checkpoint)"
 
 
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -88,31 +89,12 @@ def save_checkpoint(
     return out
 
 
-def read_json_object(
-    path: Path,
-    error: type[MedgptError] = CheckpointError,
-    missing: str = "missing (not a complete medgpt checkpoint)",
-) -> dict[str, Any]:
-    """The JSON object in ``path``; ``error`` (its message starting with the path) when the
-    file is missing (``missing`` says what that means), not JSON, or not an object. Shared by
-    checkpoint folders and Hugging Face model folders (:mod:`medgpt.hf`)."""
-    if not path.is_file():
-        raise error(f"{path}: {missing}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def read_config(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
     """The model config and the raw config.json of a checkpoint folder."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"no such checkpoint folder: {folder}")
-    raw = read_json_object(folder / CONFIG)
+    raw = read_json_object(folder / CONFIG, CheckpointError, _INCOMPLETE)
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{folder / CONFIG}: not a medgpt checkpoint (format != {FORMAT!r})")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -128,7 +110,7 @@ def read_config(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, An
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    return read_json_object(Path(path) / META)
+    return read_json_object(Path(path) / META, CheckpointError, _INCOMPLETE)
 
 
 def load_model(
@@ -239,26 +221,3 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r}: no CUDA device on this machine (use cpu or auto)")
     return torch.device(name)
-
-
-def resolve_checkpoint(spec: str, uri: str, cache_dir: Path) -> tuple[Path, dict | None]:
-    """A local folder for any way of naming a model; see ``medgpt evaluate --help``."""
-    from medgpt import tracking  # MLflow: imported only when a reference needs it
-
-    if spec.startswith("models:/"):
-        return tracking.fetch_registered(uri, spec, cache_dir)
-    path = Path(spec)
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{spec}: a file; expected a checkpoint or run folder")
-        if is_checkpoint(path) or (path / "config.json").is_file():
-            return path, None  # ours, or a Hugging Face folder (checked when loaded)
-        return best_in_run(path), None
-    if tracking.is_run_reference(spec):
-        folder, _ = tracking.fetch_run_checkpoint(uri, spec, cache_dir)
-        return folder, None
-    raise CheckpointError(
-        f"no such checkpoint: {spec} (expected a checkpoint folder, a training run folder, a "
-        "Hugging Face GPT-2 folder, an MLflow run id / runs:/ID, or models:/NAME@ALIAS | "
-        "models:/NAME/VERSION)"
-    )

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from medgpt.checkpoint import resolve_checkpoint, resolve_device
+from medgpt.checkpoint import resolve_device
 from medgpt.config import ConfigError
 from medgpt.errors import DataError
 from medgpt.fsutil import staged_dir
@@ -467,6 +467,7 @@ def load_candidate(
 ) -> Candidate:
     from medgpt.checkpoint import is_checkpoint, load_model, read_config, read_meta
     from medgpt.hf import load_hf_gpt2
+    from medgpt.registry import resolve_checkpoint
 
     path, registry = resolve_checkpoint(spec, uri, cache_dir)
     if is_checkpoint(path):
@@ -501,7 +502,7 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
     """Score, write the report, record it in MLflow, apply the gate, register on PASS.
 
     Returns the report (``report["gate"]["passed"]`` decides the exit status)."""
-    from medgpt import tracking
+    from medgpt import registry, tracking
 
     storage = Path(req.storage_path).resolve()
     # Resolving models:/ and run references reads MLflow even when nothing is to be recorded.
@@ -597,7 +598,7 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
             tags["eval.max_loss"] = str(req.max_loss)
         report["mlflow"] = {"tracking_uri": uri, "run_id": run_id, "training_run": is_training_run}
         if gate is not None and gate["passed"] and req.register:
-            report["registered"] = tracking.register_checkpoint(
+            report["registered"] = registry.register_checkpoint(
                 uri,
                 main.path,
                 run_id,

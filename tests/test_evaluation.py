@@ -23,7 +23,8 @@ from medgpt.evaluation import (
     prepared_documents,
     score_documents,
 )
-from medgpt.model import GPT, save_hf_gpt2
+from medgpt.hf import save_hf_gpt2
+from medgpt.model import GPT
 from medgpt.tokenizer import EOT_ID, get_tokenizer
 
 WORDS = [
@@ -531,7 +532,7 @@ def test_evaluation_is_logged_to_the_training_run(registry) -> None:
 
 @pytest.mark.parametrize("ref", ["models:/medgpt@champion", "models:/medgpt/2", "models:/medgpt/1"])
 def test_registry_round_trip_gives_the_exact_files(registry, ref, tmp_path) -> None:
-    from medgpt.tracking import fetch_registered
+    from medgpt.registry import fetch_registered
 
     folder, info = fetch_registered(registry["uri"], ref, tmp_path / "cache")
     original = registry["first"] if ref.endswith("/1") else registry["second"]
@@ -628,9 +629,9 @@ def test_unknown_registry_references(registry, corpus, ref, message, capsys) -> 
 def test_pyfunc_loads_and_completes(registry) -> None:
     import mlflow
 
-    from medgpt.tracking import _using
+    from medgpt.tracking import using
 
-    with _using(registry["uri"]):
+    with using(registry["uri"]):
         model = mlflow.pyfunc.load_model("models:/medgpt@champion")
     out = model.predict(["Asthma is", "Fever"], params={"max_new_tokens": 5, "seed": 1})
     assert len(out) == 2 and all(isinstance(s, str) for s in out)

@@ -256,7 +256,7 @@ def test_ray_job_submit_runs_train_job(ray_cluster, icd_data, tmp_path) -> None:
 def test_gate_on_a_trained_run_records_into_its_store(reference, icd_data, storage, tmp_path):
     from medgpt.checkpoint import read_meta, serving_sha256
     from medgpt.cli import main
-    from medgpt.tracking import fetch_registered
+    from medgpt.registry import fetch_registered
 
     out = tmp_path / "report"
     rc = main(
@@ -297,7 +297,7 @@ def test_quickstart_prepares_trains_gates_and_serves(ray_cluster, tmp_path, caps
     """The README's main job, shortened: prepare, train on Ray, gate, register the champion;
     a rerun reuses all of it; then the whole command with serving, stopped by Ctrl-C."""
     from medgpt.cli import main
-    from medgpt.tracking import model_version
+    from medgpt.registry import model_version
 
     storage, data = tmp_path / "runs", tmp_path / "icd10cm"
     argv = ["quickstart", "--data", str(data), "--max-loss", "20",

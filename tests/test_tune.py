@@ -201,7 +201,7 @@ def _checkpoint_losses(run_dir: Path) -> dict[str, float]:
 def test_asha_sweep_records_gates_and_resumes(ray_cluster, icd_data, tmp_path, capsys) -> None:
     """4 one-worker trials, 2 at a time on 2 CPUs: the two good learning rates run first, so
     ASHA stops at least one of the two hopeless ones at its first rung."""
-    from medgpt.tracking import model_version
+    from medgpt.registry import model_version
 
     storage = tmp_path / "runs"
     path = _sweep_file(tmp_path, icd_data, storage)

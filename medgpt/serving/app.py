@@ -35,7 +35,8 @@ def build_app(
     Runs on the driver: relative paths become absolute (replicas run in another cwd), and the
     checkpoint is resolved here first, so a wrong path or registry name fails at once with
     one line instead of as a replica that keeps crashing."""
-    from medgpt.checkpoint import read_config, resolve_checkpoint
+    from medgpt.checkpoint import read_config
+    from medgpt.registry import resolve_checkpoint
     from medgpt.serving.deployment import MedgptServer
     from medgpt.tracking import tracking_uri_for
 

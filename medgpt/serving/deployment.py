@@ -125,7 +125,8 @@ def _actor_cpus() -> int:
 @serve.ingress(app)
 class MedgptServer:
     def __init__(self, config: dict[str, Any]) -> None:
-        from medgpt.checkpoint import read_meta, resolve_checkpoint
+        from medgpt.checkpoint import read_meta
+        from medgpt.registry import resolve_checkpoint
         from medgpt.tracking import tracking_uri_for
 
         cfg = ServeConfig.from_dict(config)
