@@ -183,10 +183,42 @@ def _check_tokens(value: int, info: ValidationInfo) -> int:
     return value
 
 
-class CompletionRequest(BaseModel):
-    """``POST /v1/completions``: OpenAI's legacy completions body, the fields medgpt honours."""
+class _Body(BaseModel):
+    """What both request bodies check the same way; each names its own fields and defaults
+    (``check_fields=False``: a validator applies to whichever of its fields a body has)."""
 
     model_config = _STRICT
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _prompt(cls, v: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("exactly one prompt per request")
+            _check_prompt(v[0], info)
+        else:
+            _check_prompt(v, info)
+        return v
+
+    @field_validator("max_tokens", "max_new_tokens", check_fields=False)
+    @classmethod
+    def _tokens(cls, v: int, info: ValidationInfo) -> int:
+        return _check_tokens(v, info)
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        _check_stops([v] if isinstance(v, str) else list(v or []))
+        return v
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        stop = getattr(self, "stop", None)
+        return (stop,) if isinstance(stop, str) else tuple(stop or ())
+
+
+class CompletionRequest(_Body):
+    """``POST /v1/completions``: OpenAI's legacy completions body, the fields medgpt honours."""
 
     prompt: str | list[str]
     model: str | None = None
@@ -201,41 +233,13 @@ class CompletionRequest(BaseModel):
     stream_options: dict[str, bool] | None = None
     user: str | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str | list[str], info: ValidationInfo) -> str | list[str]:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt per request")
-            _check_prompt(v[0], info)
-        else:
-            _check_prompt(v, info)
-        return v
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, v: int, info: ValidationInfo) -> int:
-        return _check_tokens(v, info)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        _check_stops([v] if isinstance(v, str) else list(v or []))
-        return v
-
     @property
     def the_prompt(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
-    @property
-    def stops(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-
-class GenerateRequest(BaseModel):
+class GenerateRequest(_Body):
     """``POST /generate`` and ``/generate/stream``: the page's body (Serve's defaults)."""
-
-    model_config = _STRICT
 
     prompt: str
     max_new_tokens: int = 64
@@ -244,25 +248,6 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stop: list[str] = Field(default_factory=list)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str, info: ValidationInfo) -> str:
-        return _check_prompt(v, info)
-
-    @field_validator("max_new_tokens")
-    @classmethod
-    def _max_new_tokens(cls, v: int, info: ValidationInfo) -> int:
-        return _check_tokens(v, info)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: list[str]) -> list[str]:
-        return _check_stops(v)
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        return tuple(self.stop)
 
 
 Req = TypeVar("Req", bound=BaseModel)

@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["free_port", "peak_rss_mib", "wait_for", "wait_http"]
+__all__ = ["free_port", "peak_rss_mib", "wait_for"]
 
 
 def free_port() -> int:
@@ -35,21 +35,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def wait_http(url: str, timeout: float, alive: Callable[[], bool] | None = None) -> None:
-    """Wait until ``url`` answers 2xx/3xx; stop early (``TimeoutError``) once ``alive()`` says
-    the process that should answer has gone."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if alive is not None and not alive():
-                raise TimeoutError(f"{url}: the server stopped before it answered") from None
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def peak_rss_mib() -> float:
