@@ -11,7 +11,6 @@ import resource
 import socket
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
