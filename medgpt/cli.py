@@ -105,7 +105,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The README's main job on a fresh machine: prepare, train, gate and register on the
     embedded defaults, then serve the champion (Ray Serve + the prompt page) until Ctrl-C."""
-    from medgpt.config import Recipe, apply_overrides, load_yaml
+    from medgpt.config import Override, Recipe, apply_overrides, load_yaml
     from medgpt.data.prepare import PrepareConfig, prepare
     from medgpt.evaluation import EvalConfig, GateRequest, run_gate
     from medgpt.launch import train
@@ -117,18 +117,19 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     _print_summary(prepare(cfg))
     recipe_path = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
     print(f"[2/{steps}] training {recipe_path.name} on 2 Ray workers (a few minutes)", flush=True)
+    data_dir = Override("train.data_dir", args.data, f"--data {args.data}")
     recipe = Recipe.from_dict(
-        apply_overrides(load_yaml(recipe_path), [f"train.data_dir={args.data}", *(args.set or [])])
+        apply_overrides(load_yaml(recipe_path), [data_dir, *(args.set or [])])
     )
-    summary = train(recipe)
-    val = summary["best_val_loss"]
+    trained = train(recipe)
+    val = trained.best_val_loss
     val_text = f"{val:.4f}" if isinstance(val, float) else "not measured"
-    print(f"best checkpoint: {summary['best_checkpoint']} (val_loss {val_text})")
-    print(f"MLflow run id:   {summary['mlflow_run_id']}")
+    print(f"best checkpoint: {trained.best_checkpoint} (val_loss {val_text})")
+    print(f"MLflow run id:   {trained.mlflow_run_id}")
     print(f"[3/{steps}] readiness gate: held-out loss must be <= {args.max_loss}", flush=True)
     report = run_gate(
         GateRequest(
-            checkpoint=summary["best_checkpoint"] or summary["run_dir"],
+            checkpoint=trained.best_checkpoint or trained.run_dir,
             data=[args.data],
             max_loss=args.max_loss,
             register=True,
@@ -137,7 +138,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         )
     )
     status = print_gate(report)
-    uri = summary["mlflow_tracking_uri"]
+    uri = trained.mlflow_tracking_uri
     print(f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {uri}")
     if status != 0 or args.no_serve:
         if status == 0:
@@ -147,8 +148,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print("[4/4] serving the champion on Ray Serve, and the prompt page", flush=True)
     from medgpt.demo import serve_with_page
 
+    registered = report.registered
+    assert registered is not None  # a PASS with register=True
     return serve_with_page(
-        f"models:/{report['registered']['name']}@{report['registered']['alias']}",
+        f"models:/{registered.name}@{registered.alias}",
         recipe.job.storage_path,
         args.serve_port,
         args.web_port,
@@ -157,22 +160,32 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     )
 
 
+def _train_flags() -> list[Any]:
+    """``medgpt train``'s flags: those declared on the recipe's dataclasses."""
+    from medgpt.config import Recipe, flags_of
+
+    return flags_of(Recipe)
+
+
+def _tune_flags() -> list[Any]:
+    """``medgpt tune``'s flags: the sweep's and the gate's, and the trials' storage."""
+    from medgpt.config import Recipe, flag_for, flags_of
+    from medgpt.tuning import GateConfig, SweepConfig
+
+    storage = "runs folder for trials, Tune state and MLflow (job.storage_path)"
+    return [
+        *flags_of(SweepConfig, "sweep."),
+        *flags_of(GateConfig, "gate."),
+        flag_for(Recipe, "job.storage_path", help=storage),
+    ]
+
+
 def _load_recipe(args: argparse.Namespace) -> Any:
-    from medgpt.config import Recipe, apply_overrides, load_yaml
+    from medgpt.config import Recipe, apply_overrides, given_flags, load_yaml
 
     data: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    overrides = list(args.set or [])
-    for flag, key in (
-        ("name", "job.name"),
-        ("data", "train.data_dir"),
-        ("num_workers", "job.num_workers"),
-        ("max_steps", "train.max_steps"),
-        ("storage", "job.storage_path"),
-        ("init_from", "train.init_from"),
-    ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    # Flags after --set: a flag given wins over a --set of the same key.
+    overrides = [*(args.set or []), *given_flags(args, _train_flags())]
     return Recipe.from_dict(apply_overrides(data, overrides))
 
 
@@ -180,46 +193,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medgpt.launch import train
 
     recipe = _load_recipe(args)
-    summary = train(recipe)
-    print(f"best checkpoint: {summary['best_checkpoint']}")
-    print(f"best val_loss:   {summary['best_val_loss']}")
-    print(f"MLflow run id:   {summary['mlflow_run_id']}  ({summary['mlflow_tracking_uri']})")
-    if "result_file" in summary:
-        print(f"summary:         {summary['result_file']}")
+    result = train(recipe)
+    print(f"best checkpoint: {result.best_checkpoint}")
+    print(f"best val_loss:   {result.best_val_loss}")
+    print(f"MLflow run id:   {result.mlflow_run_id}  ({result.mlflow_tracking_uri})")
+    if result.result_file is not None:
+        print(f"summary:         {result.result_file}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from medgpt.config import given_flags
     from medgpt.tuning import load_spec, run_sweep, trial_table
 
-    overrides = list(args.set or [])
-    for flag, key in (
-        ("name", "sweep.name"),
-        ("num_samples", "sweep.num_samples"),
-        ("max_concurrent", "sweep.max_concurrent_trials"),
-        ("max_loss", "gate.max_loss"),
-        ("storage", "job.storage_path"),
-    ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = [*(args.set or []), *given_flags(args, _tune_flags())]
     spec = load_spec(args.config, overrides)
-    summary = run_sweep(spec, register=args.register)
-    print(
-        f"sweep {summary['name']!r}: {len(summary['trials'])} trials in {summary['seconds']:.0f} s"
-    )
-    print(trial_table(summary["trials"]), end="")
-    best = summary["best"]
-    print(f"best trial:      {best['trial_id']} val_loss {best['val_loss']:.4f} {best['values']}")
-    print(f"best checkpoint: {best['checkpoint']}")
-    print(
-        f"MLflow:          parent run {summary['mlflow_parent_run_id']} "
-        f"({summary['mlflow_tracking_uri']})"
-    )
-    print(f"summary:         {summary['sweep_dir']}/medgpt-sweep.json")
-    if summary.get("report") is None:
+    result = run_sweep(spec, register=args.register)
+    print(f"sweep {result.name!r}: {len(result.trials)} trials in {result.seconds:.0f} s")
+    print(trial_table(result.trials), end="")
+    best = result.best
+    print(f"best trial:      {best.trial_id} val_loss {best.val_loss:.4f} {best.values}")
+    print(f"best checkpoint: {best.checkpoint}")
+    print(f"MLflow:          parent run {result.mlflow_parent_run_id}", end=" ")
+    print(f"({result.mlflow_tracking_uri})")
+    print(f"summary:         {result.result_file}")
+    if result.report is None:
         return 0
-    return print_gate(summary["report"])
+    return print_gate(result.report)
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -306,32 +306,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return print_gate(report)
 
 
-def print_gate(report: dict[str, Any]) -> int:
-    """The evaluation's summary lines; returns the gate's exit status (0 pass/no gate, 1 fail)."""
-    for m in [report["model"], *report["baselines"]]:
+def print_gate(report: Any) -> int:
+    """A GateReport's summary lines; returns the gate's exit status (0 pass/no gate, 1 fail)."""
+    for m in [report.model, *report.baselines]:
         print(
-            f"{m['label']:<10} loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}  "
-            f"({m['tokens']:,} tokens, {m['documents']:,} documents)  {m['spec']}"
+            f"{m.label:<10} loss {m.loss:.4f}  perplexity {m.perplexity:.2f}  "
+            f"({m.tokens:,} tokens, {m.documents:,} documents)  {m.spec}"
         )
-    print(f"report:    {report['report_dir']}/report.md")
-    if report.get("mlflow"):
-        print(f"MLflow:    run {report['mlflow']['run_id']} ({report['mlflow']['tracking_uri']})")
-    gate = report.get("gate")
+    print(f"report:    {report.markdown}")
+    if report.mlflow is not None:
+        print(f"MLflow:    run {report.mlflow.run_id} ({report.mlflow.tracking_uri})")
+    gate = report.gate
     if gate is None:
         return 0
-    if not gate["passed"]:
-        print(f"FAIL: loss {gate['loss']:.4f} > {gate['max_loss']}")
-        return 1
-    print(f"PASS: loss {gate['loss']:.4f} <= {gate['max_loss']}")
-    reg = report.get("registered")
-    if reg and reg.get("reused"):
+    if not gate.passed:
+        print(f"FAIL: loss {gate.loss:.4f} > {gate.max_loss}")
+        return report.exit_status
+    print(f"PASS: loss {gate.loss:.4f} <= {gate.max_loss}")
+    reg = report.registered
+    if reg is not None and reg.reused:
         print(
-            f"already registered as {reg['model_uri']} (same checkpoint files); "
-            f"alias {reg['alias']!r} -> version {reg['version']}"
+            f"already registered as {reg.model_uri} (same checkpoint files); "
+            f"alias {reg.alias!r} -> version {reg.version}"
         )
-    elif reg:
-        print(f"registered {reg['model_uri']}; alias {reg['alias']!r} -> version {reg['version']}")
-    return 0
+    elif reg is not None:
+        print(f"registered {reg.model_uri}; alias {reg.alias!r} -> version {reg.version}")
+    return report.exit_status
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -378,12 +378,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a recipe value, repeatable (e.g. --set train.lr=3e-4)",
     )
-    p.add_argument("--name", help="run name; running again with the same name resumes")
-    p.add_argument("--data", help="prepared dataset folder (train.data_dir)")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers (job.num_workers)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
-    p.add_argument("--storage", help="run storage folder or URI (job.storage_path)")
-    p.add_argument("--init-from", help="scratch | checkpoint folder | HF folder | hub id")
+    from medgpt.config import add_flags
+
+    add_flags(p, _train_flags())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,15 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Example: medgpt tune --config configs/tune-tiny-cpu.yaml --register",
     )
     tn.add_argument("--config", required=True, help="sweep file (configs/tune-*.yaml)")
-    tn.add_argument("--name", help="sweep name (sweep.name); rerun a name to resume it")
-    tn.add_argument("--num-samples", type=int, help="trials (sweep.num_samples)")
-    tn.add_argument(
-        "--max-concurrent", type=int, help="at most this many trials at once (0 = fit cluster)"
-    )
-    tn.add_argument("--max-loss", type=float, help="the gate's threshold (gate.max_loss)")
-    tn.add_argument(
-        "--storage", help="runs folder for trials, Tune state and MLflow (job.storage_path)"
-    )
+    from medgpt.config import add_flags
+
+    add_flags(tn, _tune_flags())
     tn.add_argument(
         "--register",
         action="store_true",

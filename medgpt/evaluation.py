@@ -498,10 +498,106 @@ def check_compatible(c: Candidate, data: EvalData) -> None:
         )
 
 
-def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class GateOutcome:
+    """The gate's verdict: ``loss`` (nats/token) against ``max_loss``."""
+
+    max_loss: float
+    loss: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelScore:
+    """One scored model's headline numbers (the report's ``model`` or a ``baselines`` entry;
+    the full entry, per-source scores and samples included, stays in the report's data)."""
+
+    label: str
+    spec: str
+    path: str
+    kind: str
+    loss: float
+    perplexity: float
+    tokens: int
+    documents: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """The registry version a PASS became (or, ``reused``, already was) and the alias moved."""
+
+    name: str
+    version: str
+    alias: str
+    model_uri: str
+    run_id: str
+    reused: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowRecord:
+    """The MLflow run the evaluation was logged to (the checkpoint's training run if known)."""
+
+    tracking_uri: str
+    run_id: str
+    training_run: bool
+
+
+def _typed(cls: type, entry: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in entry.items() if k in names})
+
+
+@dataclasses.dataclass
+class GateReport:
+    """What :func:`run_gate` did. ``data`` is report.json's content, unchanged (other tools
+    read that file); the properties are typed views of it."""
+
+    data: dict[str, Any]
+    report_dir: str
+
+    @property
+    def gate(self) -> GateOutcome | None:
+        g = self.data.get("gate")
+        return None if g is None else _typed(GateOutcome, g)
+
+    @property
+    def passed(self) -> bool | None:
+        """The verdict; None when no gate was asked for."""
+        return None if self.gate is None else self.gate.passed
+
+    @property
+    def exit_status(self) -> int:
+        """0 on PASS or without a gate, 1 on FAIL."""
+        return 1 if self.passed is False else 0
+
+    @property
+    def model(self) -> ModelScore:
+        return _typed(ModelScore, self.data["model"])
+
+    @property
+    def baselines(self) -> list[ModelScore]:
+        return [_typed(ModelScore, b) for b in self.data["baselines"]]
+
+    @property
+    def mlflow(self) -> MlflowRecord | None:
+        m = self.data.get("mlflow")
+        return None if m is None else _typed(MlflowRecord, m)
+
+    @property
+    def registered(self) -> Registration | None:
+        r = self.data.get("registered")
+        return None if r is None else _typed(Registration, r)
+
+    @property
+    def markdown(self) -> Path:
+        return Path(self.report_dir) / "report.md"
+
+
+def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -> GateReport:
     """Score, write the report, record it in MLflow, apply the gate, register on PASS.
 
-    Returns the report (``report["gate"]["passed"]`` decides the exit status)."""
+    ``GateReport.passed`` decides the exit status."""
     from medgpt import registry, tracking
 
     storage = Path(req.storage_path).resolve()
@@ -608,8 +704,7 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
             )
         write_report(report, out)
         tracking.log_evaluation(uri, run_id, metrics, tags, out)
-    report["report_dir"] = str(out)
-    return report
+    return GateReport(report, str(out))
 
 
 def _version_tags(c: Candidate, loss: float, data: dict[str, Any]) -> dict[str, str]:

@@ -7,6 +7,7 @@ worker-group retry loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -22,6 +23,29 @@ from medgpt.training import check_dataset, resolve_model_config, train_loop_per_
 
 class TrainingError(MedgptError):
     """The run failed in the workers; the message carries the workers' own error."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run left: its best checkpoint, final step and MLflow run. The fields
+    but ``result_file`` are ``<run dir>/medgpt-result.json`` (and the MLflow run's result.json)."""
+
+    run_name: str
+    run_dir: str
+    best_checkpoint: str | None
+    best_val_loss: float | None
+    final_step: int | None
+    final_val_loss: float | None
+    mlflow_run_id: str
+    mlflow_tracking_uri: str
+    seconds: float
+    result_file: str | None = None  # None when the run lives on remote storage
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result file's content."""
+        out = dataclasses.asdict(self)
+        del out["result_file"]
+        return out
 
 
 def _is_uri(path: str) -> bool:
@@ -194,9 +218,9 @@ def fit_and_record(
     run_id: str,
     manifest: dict[str, Any],
     callbacks: list[Any] | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Fit the run, close its MLflow record (FAILED with the workers' error, or FINISHED with
-    the best checkpoint logged) and write ``<run dir>/medgpt-result.json``; returns the summary."""
+    the best checkpoint logged) and write ``<run dir>/medgpt-result.json``."""
     from medgpt import tracking
 
     job = recipe.job
@@ -219,31 +243,31 @@ def fit_and_record(
         # Ray reports a checkpoint on remote storage by its path inside the bucket, without
         # the scheme; without it the path would read as a (missing) local folder.
         best_path = f"{job.storage_path.split('://', 1)[0]}://{best_path}"
-    summary = {
-        "run_name": job.name,
-        "run_dir": str(Path(job.storage_path) / job.name)
+    summary = TrainResult(
+        run_name=job.name,
+        run_dir=str(Path(job.storage_path) / job.name)
         if not _is_uri(job.storage_path)
         else f"{job.storage_path}/{job.name}",
-        "best_checkpoint": best_path,
-        "best_val_loss": best_val,
-        "final_step": (result.metrics or {}).get("step"),
-        "final_val_loss": (result.metrics or {}).get("val_loss"),
-        "mlflow_run_id": run_id,
-        "mlflow_tracking_uri": uri,
-        "seconds": round(time.time() - started, 1),
-    }
+        best_checkpoint=best_path,
+        best_val_loss=best_val,
+        final_step=(result.metrics or {}).get("step"),
+        final_val_loss=(result.metrics or {}).get("val_loss"),
+        mlflow_run_id=run_id,
+        mlflow_tracking_uri=uri,
+        seconds=round(time.time() - started, 1),
+    )
     tracking.finish_run(
-        uri, run_id, summary, summary["best_checkpoint"], manifest, recipe.to_dict()
+        uri, run_id, summary.to_dict(), summary.best_checkpoint, manifest, recipe.to_dict()
     )
     if not _is_uri(job.storage_path):
-        out = Path(summary["run_dir"]) / RESULT_FILE
-        out.write_text(json.dumps(summary, indent=2) + "\n")
-        summary["result_file"] = str(out)
+        out = Path(summary.run_dir) / RESULT_FILE
+        out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        summary.result_file = str(out)
     return summary
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
-    """Run (or resume) the training run ``recipe.job.name``; returns the summary."""
+def train(recipe: Recipe) -> TrainResult:
+    """Run (or resume) the training run ``recipe.job.name``."""
     from medgpt import tracking
 
     recipe = resolve_paths(recipe)

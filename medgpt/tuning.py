@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medgpt.config import (
     ModelConfig,
@@ -46,6 +46,9 @@ from medgpt.config import (
     set_path,
 )
 from medgpt.errors import ConfigError, MedgptError
+
+if TYPE_CHECKING:  # evaluation imports torch: only a sweep with a gate needs it
+    from medgpt.evaluation import GateReport
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCHABLE = {"model": ModelConfig, "train": TrainConfig}
@@ -196,6 +199,73 @@ class TuneSpec:
 
 
 SECTIONS = ("recipe", "overrides", "space", "sweep", "gate")
+TRIAL_STATUSES = ("completed", "stopped early", "error", "no result")
+
+
+@dataclasses.dataclass
+class TrialResult:
+    """One trial of a sweep: how it ended, its sampled values and its best checkpoint."""
+
+    trial_id: str
+    status: str  # one of TRIAL_STATUSES
+    values: dict[str, Any]  # searched key -> the value this trial got
+    last_step: int | None
+    val_loss_curve: list[tuple[int, float]]
+    best_val_loss: float | None
+    best_checkpoint: str | None
+    mlflow_run_id: str | None
+    error: str | None  # the last line of the trial's error
+
+
+@dataclasses.dataclass
+class BestTrial:
+    """The trial whose checkpoint had the lowest val_loss of the whole sweep."""
+
+    trial_id: str
+    values: dict[str, Any]
+    val_loss: float
+    checkpoint: str
+    mlflow_run_id: str | None
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What a sweep left: every trial, the best one, the MLflow parent run and, when the sweep
+    file has a gate, the gate's report. :meth:`to_dict` is ``<sweep dir>/medgpt-sweep.json``."""
+
+    name: str
+    mlflow_parent_run_id: str
+    mlflow_tracking_uri: str
+    trials: list[TrialResult]
+    best: BestTrial
+    seconds: float = 0.0
+    sweep_dir: str = ""
+    report: GateReport | None = None  # the gate on the best checkpoint; None without one
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(t.status == s for t in self.trials) for s in TRIAL_STATUSES}
+
+    @property
+    def result_file(self) -> Path:
+        return Path(self.sweep_dir) / RESULT_FILE
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "mlflow_parent_run_id": self.mlflow_parent_run_id,
+            "mlflow_tracking_uri": self.mlflow_tracking_uri,
+            "trials": [dataclasses.asdict(t) for t in self.trials],
+            "best": dataclasses.asdict(self.best),
+            "counts": self.counts,
+            "seconds": self.seconds,
+            "sweep_dir": self.sweep_dir,
+            "gate": None,
+        }
+        if self.report is not None:
+            out["gate"] = self.report.data["gate"]
+            out["registered"] = self.report.data.get("registered")
+        return out
 
 
 OVERRIDE_FORM = "key=value (e.g. sweep.num_samples=8)"
@@ -471,8 +541,8 @@ def _entries(folder: Path) -> list[Path]:
     return list(folder.iterdir()) if folder.is_dir() else []
 
 
-def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> dict[str, Any]:
-    """Run (or resume) the sweep; gate its best checkpoint; return the summary."""
+def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> SweepResult:
+    """Run (or resume) the sweep; gate its best checkpoint."""
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -578,17 +648,16 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> dict[
     started = time.time()
     grid = tuner.fit()
     summary = summarize(grid, spec, trials_dir, uri, parent_id, max_steps)
-    summary["seconds"] = round(time.time() - started, 1)
-    summary["sweep_dir"] = str(sweep_dir)
+    summary.seconds = round(time.time() - started, 1)
+    summary.sweep_dir = str(sweep_dir)
     record_parent(uri, parent_id, summary)
 
-    summary["gate"] = None
     if spec.gate.max_loss is not None:
         from medgpt.evaluation import EvalConfig, GateRequest, run_gate
 
         report = run_gate(
             GateRequest(
-                checkpoint=summary["best"]["checkpoint"],
+                checkpoint=summary.best.checkpoint,
                 data=spec.gate.data or [base.train.data_dir],
                 max_loss=spec.gate.max_loss,
                 register=register,
@@ -599,25 +668,23 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> dict[
             progress=False,
             log=log,
         )
-        summary["gate"] = report["gate"]
-        summary["registered"] = report.get("registered")
-        summary["report"] = report
+        summary.report = report
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        client.set_tag(parent_id, "gate", "PASS" if report["gate"]["passed"] else "FAIL")
-        client.log_metric(parent_id, "gate_eval_loss", report["gate"]["loss"])
-        if report.get("registered"):
-            client.set_tag(parent_id, "registered", report["registered"]["model_uri"])
-    (sweep_dir / RESULT_FILE).write_text(
-        json.dumps({k: v for k, v in summary.items() if k != "report"}, indent=2, default=str)
-    )
+        gate = report.gate
+        assert gate is not None  # max_loss was given
+        client.set_tag(parent_id, "gate", "PASS" if gate.passed else "FAIL")
+        client.log_metric(parent_id, "gate_eval_loss", gate.loss)
+        if report.registered is not None:
+            client.set_tag(parent_id, "registered", report.registered.model_uri)
+    summary.result_file.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
     return summary
 
 
 def summarize(
     grid: Any, spec: TuneSpec, trials_dir: Path, uri: str, parent_id: str, max_steps: int
-) -> dict[str, Any]:
+) -> SweepResult:
     """One row per trial (status, values, best val_loss and checkpoint); mark the MLflow runs of
     stopped trials (killed mid-fit, they never closed their own); pick the best checkpoint."""
     from mlflow.tracking import MlflowClient
@@ -634,7 +701,7 @@ def summarize(
             max_results=1000,
         )
     }
-    rows: list[dict[str, Any]] = []
+    rows: list[TrialResult] = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
@@ -666,68 +733,64 @@ def summarize(
                 client.set_terminated(run.info.run_id, ended)
             client.set_tag(run.info.run_id, "medgpt.trial_status", status)
         rows.append(
-            {
-                "trial_id": trial_id,
-                "status": status,
-                "values": {d.key: (result.config or {}).get(d.key) for d in spec.space},
-                "last_step": step,
-                "val_loss_curve": curve,
-                "best_val_loss": best_val,
-                "best_checkpoint": best_path,
-                "mlflow_run_id": run.info.run_id if run is not None else None,
-                "error": str(result.error).strip().splitlines()[-1] if result.error else None,
-            }
+            TrialResult(
+                trial_id=trial_id,
+                status=status,
+                values={d.key: (result.config or {}).get(d.key) for d in spec.space},
+                last_step=step,
+                val_loss_curve=curve,
+                best_val_loss=best_val,
+                best_checkpoint=best_path,
+                mlflow_run_id=run.info.run_id if run is not None else None,
+                error=str(result.error).strip().splitlines()[-1] if result.error else None,
+            )
         )
-    rows.sort(key=lambda r: r["trial_id"])
-    scored = [r for r in rows if isinstance(r["best_val_loss"], (int, float))]
+    rows.sort(key=lambda r: r.trial_id)
+    scored = [r for r in rows if isinstance(r.best_val_loss, (int, float))]
     if not scored:
-        errors = [r["error"] for r in rows if r["error"]]
+        errors = [r.error for r in rows if r.error]
         raise SweepError(
             f"sweep {spec.sweep.name!r}: none of its {len(rows)} trials produced a checkpoint"
             + (f"; first error: {errors[0]}" if errors else "")
         )
-    best = min(scored, key=lambda r: r["best_val_loss"])
-    return {
-        "name": spec.sweep.name,
-        "mlflow_parent_run_id": parent_id,
-        "mlflow_tracking_uri": uri,
-        "trials": rows,
-        "best": {
-            "trial_id": best["trial_id"],
-            "values": best["values"],
-            "val_loss": best["best_val_loss"],
-            "checkpoint": best["best_checkpoint"],
-            "mlflow_run_id": best["mlflow_run_id"],
-        },
-        "counts": {
-            s: sum(r["status"] == s for r in rows)
-            for s in ("completed", "stopped early", "error", "no result")
-        },
-    }
+    best = min(scored, key=lambda r: r.best_val_loss)
+    return SweepResult(
+        name=spec.sweep.name,
+        mlflow_parent_run_id=parent_id,
+        mlflow_tracking_uri=uri,
+        trials=rows,
+        best=BestTrial(
+            trial_id=best.trial_id,
+            values=best.values,
+            val_loss=best.best_val_loss,
+            checkpoint=best.best_checkpoint,
+            mlflow_run_id=best.mlflow_run_id,
+        ),
+    )
 
 
-def curves_png(rows: list[dict[str, Any]], path: Path) -> Path | None:
+def curves_png(rows: list[TrialResult], path: Path) -> Path | None:
     from medgpt.plots import Series, line_chart
 
     series = []
     for r in rows:
-        steps, vals = zip(*r["val_loss_curve"], strict=True) if r["val_loss_curve"] else ((), ())
-        style = "o-" if r["status"] == "completed" else "x--"
-        series.append(Series(f"{r['trial_id']} ({r['status']})", steps, vals, style))
+        steps, vals = zip(*r.val_loss_curve, strict=True) if r.val_loss_curve else ((), ())
+        style = "o-" if r.status == "completed" else "x--"
+        series.append(Series(f"{r.trial_id} ({r.status})", steps, vals, style))
     return line_chart(
         series, path, "step", "val_loss (nats/token)", "val_loss per trial", legend_size=7
     )
 
 
-def trial_table(rows: list[dict[str, Any]]) -> str:
-    keys = sorted({k for r in rows for k in r["values"]})
+def trial_table(rows: list[TrialResult]) -> str:
+    keys = sorted({k for r in rows for k in r.values})
     head = ["trial", "status", "last step", "best val_loss", *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        v = r["best_val_loss"]
-        cells = [r["trial_id"], r["status"], str(r["last_step"]),
+        v = r.best_val_loss
+        cells = [r.trial_id, r.status, str(r.last_step),
                  f"{v:.4f}" if isinstance(v, (int, float)) else "-",
-                 *(_fmt_value(r["values"].get(k)) for k in keys)]  # fmt: skip
+                 *(_fmt_value(r.values.get(k)) for k in keys)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -738,28 +801,29 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def record_parent(uri: str, parent_id: str, summary: dict[str, Any]) -> None:
+def record_parent(uri: str, parent_id: str, summary: SweepResult) -> None:
     """The sweep's table of trials, the val_loss curves and the best trial, on the parent run."""
     import tempfile
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    rows = summary["trials"]
+    rows = summary.trials
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        (t / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+        trials = [dataclasses.asdict(r) for r in rows]
+        (t / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
         (t / "trials.md").write_text(trial_table(rows))
         client.log_artifact(parent_id, str(t / "trials.json"))
         client.log_artifact(parent_id, str(t / "trials.md"))
         png = curves_png(rows, t / "val_loss_curves.png")
         if png is not None:
             client.log_artifact(parent_id, str(png))
-    best = summary["best"]
-    client.log_metric(parent_id, "best_val_loss", float(best["val_loss"]))
-    for status, n in summary["counts"].items():
+    best = summary.best
+    client.log_metric(parent_id, "best_val_loss", float(best.val_loss))
+    for status, n in summary.counts.items():
         client.log_metric(parent_id, f"trials_{status.replace(' ', '_')}", n)
-    client.set_tag(parent_id, "best_trial_id", best["trial_id"])
-    client.set_tag(parent_id, "best_checkpoint", str(best["checkpoint"]))
-    client.set_tag(parent_id, "best_run_id", str(best["mlflow_run_id"]))
+    client.set_tag(parent_id, "best_trial_id", best.trial_id)
+    client.set_tag(parent_id, "best_checkpoint", str(best.checkpoint))
+    client.set_tag(parent_id, "best_run_id", str(best.mlflow_run_id))
     client.set_terminated(parent_id, "FINISHED")

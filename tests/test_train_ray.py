@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from medgpt.config import Recipe
 from medgpt.errors import ConfigError
-from medgpt.launch import TrainingError, train
+from medgpt.launch import TrainingError, TrainResult, train
 from tests.conftest import REPO, _free_port, tiny_recipe, wait_for
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,9 @@ def _mlflow(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _history(summary: dict, key: str) -> dict[int, float]:
-    client = _mlflow(summary["mlflow_tracking_uri"])
-    return {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], key)}
+def _history(result: TrainResult, key: str) -> dict[int, float]:
+    client = _mlflow(result.mlflow_tracking_uri)
+    return {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, key)}
 
 
 def _weights(checkpoint: str) -> dict[str, torch.Tensor]:
@@ -47,29 +47,30 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, icd_data, storage) -> dict:
+def reference(ray_cluster, icd_data, storage) -> TrainResult:
     """An uninterrupted 2-worker run that other tests compare against."""
     return train(Recipe.from_dict(tiny_recipe(icd_data, storage, "reference")))
 
 
 def test_run_writes_checkpoints_result_and_mlflow_record(reference, storage) -> None:
     s = reference
-    assert s["final_step"] == 6
+    assert s.final_step == 6
     run_dir = storage / "reference"
     ckpts = sorted(p.name for p in run_dir.glob("step-*"))
     assert ckpts == ["step-000003", "step-000006"]
     for c in ckpts:
         assert {p.name for p in (run_dir / c).iterdir()} == CHECKPOINT_FILES
-    assert s["best_checkpoint"] in {str(run_dir / c) for c in ckpts}
-    meta = json.loads((Path(s["best_checkpoint"]) / "meta.json").read_text())
-    assert meta["mlflow_run_id"] == s["mlflow_run_id"]
-    assert meta["val_loss"] == pytest.approx(s["best_val_loss"])
+    assert s.best_checkpoint in {str(run_dir / c) for c in ckpts}
+    meta = json.loads((Path(s.best_checkpoint) / "meta.json").read_text())
+    assert meta["mlflow_run_id"] == s.mlflow_run_id
+    assert meta["val_loss"] == pytest.approx(s.best_val_loss)
     assert len(meta["data_manifest_hash"]) == 64
     on_disk = json.loads((run_dir / "medgpt-result.json").read_text())
-    assert on_disk["best_checkpoint"] == s["best_checkpoint"]
+    assert on_disk["best_checkpoint"] == s.best_checkpoint
+    assert on_disk == s.to_dict() and s.result_file == str(run_dir / "medgpt-result.json")
 
-    client = _mlflow(s["mlflow_tracking_uri"])
-    run = client.get_run(s["mlflow_run_id"])
+    client = _mlflow(s.mlflow_tracking_uri)
+    run = client.get_run(s.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "6"
     assert run.data.params["model.n_embd"] == "32"
@@ -78,14 +79,14 @@ def test_run_writes_checkpoints_result_and_mlflow_record(reference, storage) -> 
         assert key in run.data.metrics, key
     assert sorted(_history(s, "loss")) == [1, 2, 3, 4, 5, 6]
     assert sorted(_history(s, "val_loss")) == [3, 6]
-    top = {a.path for a in client.list_artifacts(s["mlflow_run_id"])}
+    top = {a.path for a in client.list_artifacts(s.mlflow_run_id)}
     assert {"loss_curve.png", "result.json", "data", "config", "model", "samples"} <= top
     model_files = {
         a.path.rsplit("/", 1)[-1]
-        for a in client.list_artifacts(s["mlflow_run_id"], "model/checkpoint")
+        for a in client.list_artifacts(s.mlflow_run_id, "model/checkpoint")
     }
     assert {"model.safetensors", "config.json", "meta.json"} <= model_files
-    samples = client.list_artifacts(s["mlflow_run_id"], "samples")
+    samples = client.list_artifacts(s.mlflow_run_id, "samples")
     assert [a.path for a in samples] == ["samples/step-000003.txt", "samples/step-000006.txt"]
 
 
@@ -146,7 +147,7 @@ LONG = {"train.max_steps": 24, "train.checkpoint_every": 6, "train.eval_every": 
 
 
 @pytest.fixture(scope="module")
-def long_reference(ray_cluster, icd_data, storage) -> dict:
+def long_reference(ray_cluster, icd_data, storage) -> TrainResult:
     return train(Recipe.from_dict(tiny_recipe(icd_data, storage, "long-reference", **LONG)))
 
 
@@ -162,19 +163,19 @@ def test_resume_after_the_driver_is_stopped(long_reference, icd_data, storage, t
     done_before = _registered_steps(run_dir)
     assert done_before and "step-000024" not in done_before, done_before
     resumed = train(Recipe.from_dict(recipe))
-    assert resumed["final_step"] == 24
+    assert resumed.final_step == 24
     # One MLflow run for the whole run name, reused on resume.
-    client = _mlflow(resumed["mlflow_tracking_uri"])
+    client = _mlflow(resumed.mlflow_tracking_uri)
     runs = client.search_runs(
-        [client.get_run(resumed["mlflow_run_id"]).info.experiment_id],
+        [client.get_run(resumed.mlflow_run_id).info.experiment_id],
         filter_string="tags.`medgpt.run_name` = 'driver-restart'",
     )
     assert len(runs) == 1
     # The resumed run continued at the checkpoint's step with the same data and state: its
     # final weights equal those of an uninterrupted run with the same seed. (Everything is
     # deterministic on CPU: fixed data order, no dropout, a 2-rank gloo all-reduce.)
-    a, b = _weights(resumed["best_checkpoint"]), _weights(long_reference["best_checkpoint"])
-    assert resumed["best_checkpoint"].endswith("step-000024")
+    a, b = _weights(resumed.best_checkpoint), _weights(long_reference.best_checkpoint)
+    assert resumed.best_checkpoint.endswith("step-000024")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
@@ -210,7 +211,7 @@ def test_killed_worker_restarts_from_checkpoint(
     log = (tmp_path / "kill.log").read_text()
     # The worker group really was restarted (not finished before the kill landed).
     assert log.count("Started training worker group") >= 2, log[-3000:]
-    a, b = _weights(summary["best_checkpoint"]), _weights(long_reference["best_checkpoint"])
+    a, b = _weights(summary["best_checkpoint"]), _weights(long_reference.best_checkpoint)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
@@ -266,26 +267,26 @@ def test_gate_on_a_trained_run_records_into_its_store(reference, icd_data, stora
     )  # fmt: skip
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["model"]["path"] == reference["best_checkpoint"]
-    assert report["mlflow"]["run_id"] == reference["mlflow_run_id"]
+    assert report["model"]["path"] == reference.best_checkpoint
+    assert report["mlflow"]["run_id"] == reference.mlflow_run_id
     assert report["mlflow"]["training_run"] is True
-    uri = reference["mlflow_tracking_uri"]
+    uri = reference.mlflow_tracking_uri
     assert report["mlflow"]["tracking_uri"] == uri
-    history = _mlflow(uri).get_metric_history(reference["mlflow_run_id"], "eval_loss")
+    history = _mlflow(uri).get_metric_history(reference.mlflow_run_id, "eval_loss")
     assert [m.value for m in history] == [report["model"]["loss"]]
 
     folder, info = fetch_registered(uri, "models:/medgpt@champion", tmp_path / "cache")
-    assert serving_sha256(folder) == serving_sha256(reference["best_checkpoint"])
-    meta = read_meta(reference["best_checkpoint"])
-    assert info["tags"]["training_run_id"] == reference["mlflow_run_id"]
+    assert serving_sha256(folder) == serving_sha256(reference.best_checkpoint)
+    meta = read_meta(reference.best_checkpoint)
+    assert info["tags"]["training_run_id"] == reference.mlflow_run_id
     assert info["tags"]["data_manifest_hash"] == meta["data_manifest_hash"]
-    assert info["run_id"] == reference["mlflow_run_id"]
+    assert info["run_id"] == reference.mlflow_run_id
 
 
 def test_corrupt_checkpoint_on_resume_names_the_file(ray_cluster, icd_data, storage) -> None:
     recipe = tiny_recipe(icd_data, storage, "corrupt", **{"train.max_steps": 3})
     first = train(Recipe.from_dict(recipe))
-    weights = Path(first["best_checkpoint"]) / "model.safetensors"
+    weights = Path(first.best_checkpoint) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     recipe["train"]["max_steps"] = 6
     with pytest.raises(TrainingError, match=r"model\.safetensors"):
