@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medgpt.config import MODEL_PRESETS, ModelConfig, from_mapping, load_yaml
+from medgpt.config import MODEL_PRESETS, ModelConfig, from_mapping, load_yaml, option
 from medgpt.errors import ConfigError, MedgptError
 
 MODEL_FIELDS = [
@@ -262,3 +262,189 @@ def test_load_yaml_empty(tmp_path: Path, text: str) -> None:
     p = tmp_path / "empty.yaml"
     p.write_text(text, encoding="utf-8")
     assert load_yaml(p) == {}
+
+
+# --- overrides: the one KEY.PATH=VALUE parser ---------------------------------------------------
+
+
+def test_parse_override_reads_the_value_as_yaml() -> None:
+    from medgpt.config import parse_override
+
+    o = parse_override("train.lr=3e-4")
+    assert (o.key, o.path, o.head, o.rest, o.given) == (
+        "train.lr", ["train", "lr"], "train", "lr", "train.lr=3e-4"
+    )  # fmt: skip
+    assert o.value == "3e-4"  # YAML 1.1 text; from_mapping reads it as the float it spells
+    assert parse_override(" job.name = x=y").value == "x=y"  # only the first '=' splits
+    assert parse_override("train.max_steps=40").value == 40
+    assert parse_override("job.use_gpu=true").value is True
+    assert parse_override("gate.max_loss=null").value is None
+    assert parse_override("space.train.lr={choice: [1, 2]}").value == {"choice": [1, 2]}
+    assert parse_override("train.data_dir=").value == ""
+    assert parse_override("job.name=[unclosed").value == "[unclosed"  # not YAML: stays text
+
+
+@pytest.mark.parametrize("item", ["nonsense", "=3", " =3", "train..lr=1", ".lr=1", "train.=1"])
+def test_parse_override_refuses_malformed_items(item: str) -> None:
+    from medgpt.config import apply_overrides, parse_override
+
+    with pytest.raises(ConfigError) as exc:
+        parse_override(item)
+    assert str(exc.value) == (f"override {item!r}: expected section.key=value (e.g. train.lr=3e-4)")
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
+        apply_overrides({}, [item])
+
+
+def test_parse_override_dotted_form_for_sweeps() -> None:
+    from medgpt.config import parse_override
+
+    form = "key=value (e.g. sweep.num_samples=8)"
+    assert parse_override("sweep.num_samples=8", form, dotted=True).value == 8
+    with pytest.raises(ConfigError) as exc:
+        parse_override("num_samples=8", form, dotted=True)
+    assert str(exc.value) == f"override 'num_samples=8': expected {form}"
+
+
+def test_apply_overrides_copies_and_names_a_non_section() -> None:
+    from medgpt.config import Override, apply_overrides
+
+    base = {"train": {"lr": 1e-3, "max_steps": 10}, "job": {"name": "a"}}
+    out = apply_overrides(base, ["train.lr=3e-4", Override("job.name", "b", "--name b")])
+    assert out == {"train": {"lr": "3e-4", "max_steps": 10}, "job": {"name": "b"}}
+    assert base == {"train": {"lr": 1e-3, "max_steps": 10}, "job": {"name": "a"}}  # untouched
+    assert apply_overrides({}, ["model.n_layer=2"]) == {"model": {"n_layer": 2}}
+    with pytest.raises(ConfigError) as exc:
+        apply_overrides({"train": 3}, ["train.lr=1"])
+    assert str(exc.value) == "override 'train.lr=1': train is not a section"
+
+
+def test_tune_and_recipe_overrides_share_the_parser(tmp_path: Path) -> None:
+    # The sweep's --set goes through the same parser: same value reading, its own form.
+    from medgpt.config import Override
+    from medgpt.tuning import load_spec
+
+    recipe = {"model": MODEL_PRESETS["tiny"], "train": {"data_dir": str(tmp_path), "seq_len": 64}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "recipe: " + repr(recipe).replace("'", '"') + "\n"
+        "space: {train.lr: {choice: [0.001, 0.002]}}\n",
+        encoding="utf-8",
+    )
+    spec = load_spec(
+        path, ["train.max_steps=7", Override("sweep.num_samples", 3, "--num-samples 3")]
+    )
+    assert spec.recipe["train"]["max_steps"] == 7 and spec.sweep.num_samples == 3
+    for bad in ("nonsense", "sweep..name=x", "num_samples=3"):
+        with pytest.raises(ConfigError) as exc:
+            load_spec(path, [bad])
+        assert str(exc.value) == f"override {bad!r}: expected key=value (e.g. sweep.num_samples=8)"
+
+
+# --- flags declared on the fields ---------------------------------------------------------------
+
+
+def _train_parser():
+    import argparse
+
+    from medgpt.config import Recipe, add_flags, flags_of
+
+    p = argparse.ArgumentParser(prog="t")
+    add_flags(p, flags_of(Recipe))
+    return p
+
+
+def test_recipe_flags_are_declared_on_the_fields() -> None:
+    from medgpt.config import JobConfig, Recipe, TrainConfig, flags_of
+
+    by_flag = {f.flag: f for f in flags_of(Recipe)}
+    assert {k: f.key for k, f in by_flag.items()} == {
+        "--data": "train.data_dir",
+        "--init-from": "train.init_from",
+        "--max-steps": "train.max_steps",
+        "--name": "job.name",
+        "--storage": "job.storage_path",
+        "--num-workers": "job.num_workers",
+    }
+    assert by_flag["--max-steps"].help == "optimizer steps (train.max_steps)"
+    assert by_flag["--max-steps"].type is int
+    # The declaration does not change the defaults.
+    assert TrainConfig().max_steps == 1000 and JobConfig().storage_path == "runs"
+    assert TrainConfig().data_dir == "data/icd10cm" and JobConfig().num_workers == 2
+
+
+def test_a_flag_its_yaml_key_and_its_override_reach_the_same_field(tmp_path: Path) -> None:
+    from medgpt.config import Recipe, apply_overrides, flags_of, given_flags, load_yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_steps: 40\n  data_dir: '2024'\n", encoding="utf-8")
+    from_yaml = Recipe.from_dict(load_yaml(recipe))
+    from_set = Recipe.from_dict(
+        apply_overrides({}, ["train.max_steps=40", "train.data_dir='2024'"])
+    )
+    args = _train_parser().parse_args(["--max-steps", "40", "--data", "2024"])
+    overrides = given_flags(args, flags_of(Recipe))
+    assert [(o.key, o.value, o.given) for o in overrides] == [
+        ("train.data_dir", "2024", "--data 2024"),  # a text field keeps its text
+        ("train.max_steps", 40, "--max-steps 40"),
+    ]
+    from_flag = Recipe.from_dict(apply_overrides({}, overrides))
+    assert from_yaml == from_set == from_flag
+    assert from_flag.train.max_steps == 40 and from_flag.train.data_dir == "2024"
+    # Flags not given change nothing.
+    assert given_flags(_train_parser().parse_args([]), flags_of(Recipe)) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-steps", "abc"], "--max-steps: train.max_steps: expected int, got 'abc'"),
+        (["--max-steps", "2.5"], "--max-steps: train.max_steps: expected int, got 2.5"),
+        (["--num-workers", "true"], "--num-workers: job.num_workers: expected int, got True"),
+    ],
+)
+def test_a_bad_flag_value_names_the_flag_key_and_type(argv: list[str], message: str) -> None:
+    from medgpt.config import Recipe, flags_of, given_flags
+
+    with pytest.raises(ConfigError) as exc:
+        given_flags(_train_parser().parse_args(argv), flags_of(Recipe))
+    assert str(exc.value) == message
+
+
+def test_a_flag_out_of_range_is_refused_like_the_key() -> None:
+    from medgpt.config import Recipe, apply_overrides, flags_of, given_flags
+
+    args = _train_parser().parse_args(["--max-steps", "0"])
+    with pytest.raises(ConfigError) as from_flag:
+        Recipe.from_dict(apply_overrides({}, given_flags(args, flags_of(Recipe))))
+    with pytest.raises(ConfigError) as from_set:
+        Recipe.from_dict(apply_overrides({}, ["train.max_steps=0"]))
+    assert str(from_flag.value) == str(from_set.value) == "train.max_steps: must be >= 1, got 0"
+
+
+@dataclasses.dataclass
+class _Flagged:
+    on: bool = option(True, flag="--no-on", help="turn it off")
+    loud: bool = option(False, flag="--loud", help="turn it up")
+    tags: list[str] = option(default_factory=list, flag="--tag", help="repeat")  # noqa: RUF009
+    limit: float | None = option(None, flag="--limit", help="a number or nothing")
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_flag_kinds_bool_negated_repeated_optional() -> None:
+    import argparse
+
+    from medgpt.config import add_flags, flag_for, flags_of, given_flags
+
+    p = argparse.ArgumentParser(prog="t")
+    flags = flags_of(_Flagged)
+    add_flags(p, flags)
+    assert [o.value for o in given_flags(p.parse_args([]), flags)] == []
+    args = p.parse_args(["--no-on", "--loud", "--tag", "a", "--tag", "7", "--limit", "0.5"])
+    got = {o.key: o.value for o in given_flags(args, flags)}
+    assert got == {"on": False, "loud": True, "tags": ["a", "7"], "limit": 0.5}
+    assert from_mapping(_Flagged, got) == _Flagged(on=False, loud=True, tags=["a", "7"], limit=0.5)
+    with pytest.raises(ConfigError, match=r"^--limit: limit: expected float or null, got 'x'$"):
+        given_flags(p.parse_args(["--limit", "x"]), flags)
+    assert flag_for(_Flagged, "limit", help="other words").help == "other words"
+    with pytest.raises(KeyError):
+        flag_for(_Flagged, "inner.lr")
