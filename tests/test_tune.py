@@ -171,6 +171,84 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys) -> None:
     assert "config file not found" in capsys.readouterr().err
 
 
+def _report(gate: dict | None, registered: dict | None) -> Any:
+    from medgpt.evaluation import GateReport
+
+    model = {
+        "label": "model",
+        "spec": "x",
+        "path": "/c",
+        "kind": "medgpt-checkpoint",
+        "loss": 4.5,
+        "perplexity": 90.0,
+        "tokens": 10,
+        "documents": 2,
+        "per_source": {},
+    }
+    data = {
+        "model": model,
+        "baselines": [],
+        "gate": gate,
+        "registered": registered,
+        "mlflow": {"tracking_uri": "sqlite:///m.db", "run_id": "r", "training_run": True},
+    }
+    return GateReport(data, "/reports/a")  # fmt: skip
+
+
+def test_sweep_result_file_keeps_its_shape(capsys) -> None:
+    from medgpt.cli import print_gate
+    from medgpt.tuning import BestTrial, SweepResult, TrialResult
+
+    rows = [
+        TrialResult("t1", "completed", {"train.lr": 0.001}, 6, [(2, 5.0), (6, 4.0)], 4.0,
+                    "/s/t1/step-000006", "run1", None),
+        TrialResult("t2", "stopped early", {"train.lr": 1e-6}, 2, [(2, 9.0)], 9.0,
+                    "/s/t2/step-000002", "run2", None),
+    ]  # fmt: skip
+    best = BestTrial("t1", {"train.lr": 0.001}, 4.0, "/s/t1/step-000006", "run1")
+    result = SweepResult("sweep", "parent", "sqlite:///m.db", rows, best, 12.5, "/s")
+    keys = ["name", "mlflow_parent_run_id", "mlflow_tracking_uri", "trials", "best", "counts",
+            "seconds", "sweep_dir", "gate"]  # fmt: skip
+    plain = json.loads(json.dumps(result.to_dict(), default=str))
+    assert list(plain) == keys  # no gate: no "registered" key, as before
+    assert plain["gate"] is None
+    assert plain["counts"] == {"completed": 1, "stopped early": 1, "error": 0, "no result": 0}
+    assert plain["trials"][0] == {
+        "trial_id": "t1", "status": "completed", "values": {"train.lr": 0.001}, "last_step": 6,
+        "val_loss_curve": [[2, 5.0], [6, 4.0]], "best_val_loss": 4.0,
+        "best_checkpoint": "/s/t1/step-000006", "mlflow_run_id": "run1", "error": None,
+    }  # fmt: skip
+    assert plain["best"] == {"trial_id": "t1", "values": {"train.lr": 0.001}, "val_loss": 4.0,
+                             "checkpoint": "/s/t1/step-000006", "mlflow_run_id": "run1"}  # fmt: skip
+    assert result.result_file == Path("/s/medgpt-sweep.json")
+
+    gate = {"max_loss": 5.0, "loss": 4.5, "passed": True}
+    reg = {"name": "medgpt", "version": "3", "alias": "champion", "model_uri": "models:/medgpt/3",
+           "serving_sha256": "ab", "run_id": "r", "reused": True}  # fmt: skip
+    result.report = _report(gate, reg)
+    plain = result.to_dict()
+    assert list(plain) == [*keys, "registered"]
+    assert plain["gate"] == gate and plain["registered"] == reg  # report.json's own entries
+    assert "report" not in plain
+    assert print_gate(result.report) == 0
+    out = capsys.readouterr().out
+    assert "PASS: loss 4.5000 <= 5.0" in out
+    assert (
+        "already registered as models:/medgpt/3" in out and "report:    /reports/a/report.md" in out
+    )
+
+
+def test_gate_report_typed_views() -> None:
+    report = _report({"max_loss": 4.0, "loss": 4.5, "passed": False}, None)
+    assert report.passed is False and report.exit_status == 1
+    assert report.gate is not None and report.gate.loss == 4.5 and report.gate.max_loss == 4.0
+    assert report.model.loss == 4.5 and report.model.kind == "medgpt-checkpoint"
+    assert report.baselines == [] and report.registered is None
+    assert report.mlflow is not None and report.mlflow.training_run is True
+    no_gate = _report(None, None)
+    assert no_gate.passed is None and no_gate.exit_status == 0 and no_gate.gate is None
+
+
 # -- on the Ray cluster ---------------------------------------------------------------------
 
 
