@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +13,7 @@ import torch
 
 from medgpt.errors import MedgptError, WeightsError
 from medgpt.hf import load_hf_gpt2, save_hf_gpt2
-from tests.test_model import (
-    BLOCK,
-    N_EMBD,
-    N_LAYER,
-    VOCAB,
-    _subprocess_env,
-    hf_tiny,
-    random_ids,
-    tiny_gpt,
-)
+from medgpt.testing.models import BLOCK, N_EMBD, N_LAYER, VOCAB, hf_tiny, random_ids, tiny_gpt
 
 transformers = pytest.importorskip("transformers")
 
@@ -276,7 +268,8 @@ def test_load_hub_id_offline(tmp_path: Path) -> None:
         "    sys.exit(3)\n"
         "print('loaded')\n"
     )
-    env = _subprocess_env(
+    env = dict(
+        os.environ,
         HF_HUB_OFFLINE="1",
         HF_HOME=str(hf_home),
         HF_HUB_CACHE=str(hf_home / "hub"),

@@ -1,10 +1,7 @@
 """The GPT module: loss, KV cache, parameter/FLOP counts, training behaviour (HF GPT-2
-conversion: tests/test_hf.py, which shares this file's tiny models)."""
+conversion: tests/test_hf.py; the tiny models both use: medgpt.testing.models)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,65 +10,9 @@ import torch.nn.functional as F
 from medgpt.config import ModelConfig
 from medgpt.kv_cache import KVCache
 from medgpt.model import GPT, count_params, flops_per_token
+from medgpt.testing.models import BLOCK, VOCAB, random_ids, tiny_config, tiny_gpt
 
 transformers = pytest.importorskip("transformers")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-N_LAYER, N_HEAD, N_EMBD, BLOCK = 2, 2, 32, 64
-VOCAB = 50257
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    base = {"n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": N_EMBD, "block_size": BLOCK}
-    return ModelConfig(**{**base, **overrides})
-
-
-def _randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter non-trivial values: default inits leave biases at 0 and LayerNorm
-    at (1, 0), which would hide a bias or LayerNorm mapping mistake."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if ".ln_" in name or name.startswith(("ln_", "transformer.ln_")):
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
-    return model
-
-
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    return _randomize_(GPT(tiny_config(**overrides)), seed).eval()
-
-
-def hf_tiny(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
-        n_layer=N_LAYER,
-        n_head=N_HEAD,
-        n_embd=N_EMBD,
-        n_positions=BLOCK,
-        vocab_size=VOCAB,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = transformers.GPT2LMHeadModel(cfg)
-    _randomize_(model.transformer, seed)  # lm_head is tied to wte
-    return model.eval()
-
-
-def random_ids(batch: int = 2, length: int = BLOCK, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (batch, length), generator=g)
-
-
-def _subprocess_env(**extra: str) -> dict[str, str]:
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": pythonpath, **extra}
 
 
 # --- loss ----------------------------------------------------------------------------------
