@@ -310,110 +310,62 @@ def test_hf_source_offline_fails_with_one_line(tmp_path):
 # --- bad input ---------------------------------------------------------------------------------
 
 
-def test_missing_path(tmp_path):
-    path = tmp_path / "nope.jsonl"
-    with pytest.raises(DataError, match="no such file") as e:
-        read(path)
-    assert str(path) in str(e.value)
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
-def test_non_utf8_text_file(tmp_path):
-    path = tmp_path / "latin1.txt"
-    path.write_bytes(b"caf\xe9")
-    with pytest.raises(DataError, match="UTF-8") as e:
-        read(path)
-    assert str(path) in str(e.value)
-    assert "0xe9" in str(e.value)
+def _jsonl(*records: object) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
-def test_non_utf8_jsonl_line(tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(DataError, match="UTF-8") as e:
-        read(path)
-    assert f"{path}:2:" in str(e.value)
+# (file name, its bytes or None for no file, read options, what the error says, where: after
+# the path, e.g. ":2:" for line 2, and further fragments of the message)
+BAD_FILES = [
+    pytest.param("nope.jsonl", None, {}, "no such file", "", [], id="missing"),
+    pytest.param("latin1.txt", b"caf\xe9", {}, "UTF-8", "", ["0xe9"], id="non-utf8-text"),
+    pytest.param("c.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', {}, "UTF-8", ":2:", [],
+                 id="non-utf8-jsonl-line"),
+    pytest.param("c.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n', {},
+                 "malformed JSON", ":3:", [], id="malformed-json-line"),
+    pytest.param("c.jsonl", b'{"text": "a"}\n["text", "b"]\n', {},
+                 "expected a JSON object, got list", ":2:", [], id="jsonl-line-not-an-object"),
+    pytest.param("c.jsonl", _jsonl({"body": "x", "id": 7}), {}, "'text'", ":1:",
+                 ["fields present: body, id"], id="jsonl-without-text-field"),
+    pytest.param("qa.jsonl", _jsonl({"q": "What?", "answer": "x"}),
+                 {"question_field": "q", "answer_field": "a"}, "no field 'a'", "",
+                 ["fields present: q, answer"], id="jsonl-without-answer-field"),
+    pytest.param("c.jsonl", _jsonl({"text": "ok"}, {"text": 42}), {},
+                 "must be a string, got int", ":2:", [], id="jsonl-text-not-a-string"),
+    pytest.param("c.csv", b"id,body\n1,hello\n", {}, "no column 'text'", "",
+                 ["columns: id, body"], id="csv-without-column"),
+    pytest.param("c.parquet", _parquet(pa.table({"id": [1], "body": ["x"]})), {},
+                 "no column 'text'", "", ["id, body"], id="parquet-without-column"),
+    pytest.param("c.parquet", b"this is not parquet", {}, "not a readable Parquet file", "", [],
+                 id="unreadable-parquet"),
+    pytest.param("0001.xml", b"<Document>\n<QAPairs>\n<QAPair>\n</Document>\n", {},
+                 "malformed XML", ":4:", [], id="malformed-xml"),
+    pytest.param("feed.xml", b"<rss><channel/></rss>", {},
+                 r"root element <rss>, expected <Document>", "", [], id="xml-root-not-document"),
+    pytest.param("paper.pdf", b"%PDF-1.4", {}, r"unsupported file type '\.pdf'", "", [],
+                 id="unsupported-file-type"),
+]  # fmt: skip
 
 
-def test_malformed_json_line_3(tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match="malformed JSON") as e:
-        read(path)
-    assert f"{path}:3:" in str(e.value)
-
-
-def test_jsonl_line_not_an_object(tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_text('{"text": "a"}\n["text", "b"]\n', encoding="utf-8")
-    with pytest.raises(DataError, match="expected a JSON object, got list") as e:
-        read(path)
-    assert f"{path}:2:" in str(e.value)
-
-
-def test_jsonl_record_without_text_field(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"body": "x", "id": 7}])
-    with pytest.raises(DataError) as e:
-        read(path)
-    msg = str(e.value)
-    assert f"{path}:1:" in msg
-    assert "'text'" in msg
-    assert "fields present: body, id" in msg
-
-
-def test_jsonl_record_without_answer_field(tmp_path):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"q": "What?", "answer": "x"}])
-    with pytest.raises(DataError, match="no field 'a'") as e:
-        read(path, question_field="q", answer_field="a")
-    assert "fields present: q, answer" in str(e.value)
-
-
-def test_jsonl_text_field_not_a_string(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}, {"text": 42}])
-    with pytest.raises(DataError, match="must be a string, got int") as e:
-        read(path)
-    assert f"{path}:2:" in str(e.value)
-
-
-def test_csv_without_column(tmp_path):
-    path = tmp_path / "c.csv"
-    path.write_text("id,body\n1,hello\n", encoding="utf-8")
-    with pytest.raises(DataError, match="no column 'text'") as e:
-        read(path)
-    assert str(path) in str(e.value)
-    assert "columns: id, body" in str(e.value)
-
-
-def test_parquet_without_column(tmp_path):
-    path = tmp_path / "c.parquet"
-    pq.write_table(pa.table({"id": [1], "body": ["x"]}), path)
-    with pytest.raises(DataError, match="no column 'text'") as e:
-        read(path)
-    assert str(path) in str(e.value)
-    assert "id, body" in str(e.value)
-
-
-def test_unreadable_parquet(tmp_path):
-    path = tmp_path / "c.parquet"
-    path.write_bytes(b"this is not parquet")
-    with pytest.raises(DataError, match="not a readable Parquet file") as e:
-        read(path)
-    assert str(path) in str(e.value)
-
-
-def test_malformed_xml(tmp_path):
-    path = tmp_path / "0001.xml"
-    path.write_text("<Document>\n<QAPairs>\n<QAPair>\n</Document>\n", encoding="utf-8")
-    with pytest.raises(DataError, match="malformed XML") as e:
-        read(path)
-    assert f"{path}:4:" in str(e.value)
-
-
-def test_xml_root_is_not_document(tmp_path):
-    path = tmp_path / "feed.xml"
-    path.write_text("<rss><channel/></rss>", encoding="utf-8")
-    with pytest.raises(DataError, match=r"root element <rss>, expected <Document>") as e:
-        read(path)
-    assert str(path) in str(e.value)
+@pytest.mark.parametrize(("name", "content", "options", "match", "where", "also"), BAD_FILES)
+def test_bad_file_is_a_data_error_naming_the_place(
+    tmp_path, name, content, options, match, where, also
+):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=match) as e:
+        read(path, **options)
+    message = str(e.value)
+    assert f"{path}{where}" in message
+    for fragment in also:
+        assert fragment in message
 
 
 def test_xml_error_in_folder_names_the_bad_file(medquad_dir):
