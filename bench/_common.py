@@ -21,10 +21,10 @@ def peak_rss_mib() -> float:
 def decode_kernel_missing(consequence: str) -> bool:
     """True, having said why on stderr, when medgpt's CPU decode kernels cannot be had;
     ``consequence`` says what that means for the benchmark."""
-    from medgpt import fastlinear
+    from medgpt import kernels
 
-    if fastlinear.kernel() is not None:
+    if kernels.available():
         return False
-    print(f"the decode kernel is unavailable ({fastlinear.unavailable_reason()}): {consequence}",
+    print(f"the decode kernel is unavailable ({kernels.unavailable_reason()}): {consequence}",
           file=sys.stderr)  # fmt: skip
     return True

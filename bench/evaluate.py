@@ -126,7 +126,8 @@ def main() -> None:
     a = p.parse_args()
 
     from medgpt.checkpoint import save_checkpoint
-    from medgpt.model import GPT, count_params, save_hf_gpt2
+    from medgpt.hf import save_hf_gpt2
+    from medgpt.model import GPT, count_params
 
     torch.manual_seed(0)
     config = ModelConfig.preset(a.size)

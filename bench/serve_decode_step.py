@@ -1,9 +1,9 @@
 """One decode step of a continuous batch: the CPU kernel's attention against PyTorch's SDPA.
 
 In a continuous batch every row sits at its own position. ``GPT.decode_step`` with the CPU
-decode kernel on (``medgpt.fastlinear.use_fast_linear``, as the serving engine runs float32 on
-the CPU) hands each layer's attention to ``medgpt.fastlinear.decode_attention``
-(``csrc/decode_attention.c``): each row's new key and value written at its position, its query
+decode kernel's backend (``medgpt.kv_cache.KERNEL``, as the serving engine runs float32 on
+the CPU) hands each layer's attention to ``torch.ops.medgpt.decode_attention``
+(``medgpt/kernels/decode_attention.h``): each row's new key and value written at its position, its query
 over its own positions only. The baseline is what ran before, and still runs wherever the kernel
 is unavailable: the new entries stored with ``index_copy_`` and
 ``F.scaled_dot_product_attention`` over the longest row's positions with a boolean mask. The
@@ -44,19 +44,19 @@ METHODS = {
 }
 
 
+_BACKEND: list = []  # the decode backend run_steps passes, set by attention()
+
+
 @contextmanager
 def attention(method: str):
-    """``decode_attention`` declines (returns None) when the library has no attention entry,
-    and ``_DecodeRows.attend`` then takes the SDPA path: the baseline hides that entry."""
-    from medgpt import fastlinear
+    """The decode step's backend for ``method``: ``medgpt.kv_cache.KERNEL`` or ``SDPA``."""
+    from medgpt.kv_cache import KERNEL, SDPA
 
-    saved = fastlinear._state["attn"]
-    if method == "sdpa":
-        fastlinear._state["attn"] = None
+    _BACKEND[:] = [KERNEL if method == "kernel" else SDPA]
     try:
         yield
     finally:
-        fastlinear._state["attn"] = saved
+        _BACKEND.clear()
 
 
 def run_steps(model, cache, start: torch.Tensor, steps: int, tokens: torch.Tensor):
@@ -65,7 +65,7 @@ def run_steps(model, cache, start: torch.Tensor, steps: int, tokens: torch.Tenso
     with torch.no_grad():
         for s in range(steps):
             t0 = time.perf_counter()
-            out = model.decode_step(tokens[s], pos, cache)
+            out = model.decode_step(tokens[s], pos, cache, *_BACKEND)
             times.append(time.perf_counter() - t0)
             logits.append(out)
             pos = pos + 1
@@ -109,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(batches) < 1 or a.prompt_tokens < 1 or a.steps < 1 or a.rounds < 1 or a.threads < 0:
         ap.error("--batch, --prompt-tokens, --steps, --rounds must be >= 1, --threads >= 0")
 
-    from medgpt import fastlinear
+    from medgpt import kernels
     from medgpt.config import ModelConfig
-    from medgpt.model import GPT, KVCache
+    from medgpt.kv_cache import KVCache
+    from medgpt.model import GPT
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -122,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if longest > cfg.block_size:
         ap.error(f"rows reach {longest} positions, beyond the context of {cfg.block_size}")
     torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    fastlinear.use_fast_linear(model)
+    model = kernels.with_kernel_linears(GPT(cfg)).eval()
     load_before = os.getloadavg()
     results = []
     for B in batches:

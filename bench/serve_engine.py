@@ -7,10 +7,10 @@ depend on what the weights learned), one request at a time, greedy, on the CPU:
   SamplingParams(max_new_tokens=N, temperature=0))`` (this includes the engine's streaming
   detokenisation, as serving does)
 * ``Engine fp32 F.linear`` the same with ``fast_linear=False``: every linear layer through
-  ``F.linear`` (MKL) instead of ``medgpt.fastlinear``'s decode kernel
+  ``F.linear`` (MKL) instead of ``medgpt.kernels``' decode kernel
 * ``medgpt Engine int8``   the same on ``medgpt.quantize.quantize_int8(model)``
 * ``HF generate fp32``     the baseline: ``transformers.GPT2LMHeadModel`` loaded from the folder
-  ``medgpt.model.save_hf_gpt2`` wrote from the same weights, ``model.generate(input_ids,
+  ``medgpt.hf.save_hf_gpt2`` wrote from the same weights, ``model.generate(input_ids,
   max_new_tokens=N, min_new_tokens=N, do_sample=False, use_cache=True)``
 
 No ``HF generate int8`` row: HF's GPT-2 keeps its projections in ``Conv1D`` modules, which
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from medgpt.checkpoint import save_checkpoint
     from medgpt.config import ModelConfig
-    from medgpt.model import GPT, save_hf_gpt2
+    from medgpt.hf import save_hf_gpt2
+    from medgpt.model import GPT
 
     load_before = os.getloadavg()
     t_start = time.perf_counter()

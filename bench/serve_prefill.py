@@ -3,7 +3,7 @@
 When requests arrive together (a burst, or every stream of a steady load ending in the same
 step), the serving engine admits them in one step and prefills their prompts. Packed
 (``Engine(..., pack_prefill=True)``, the default with the CPU decode kernel), consecutive
-prompts of up to ``medgpt.fastlinear.MAX_ROWS`` tokens together go through the model in one
+prompts of up to ``medgpt.kernels.MAX_ROWS`` tokens together go through the model in one
 pass (``GPT.prefill``), so each weight matrix is read once for all of them. The baseline,
 ``pack_prefill=False``, is what the engine did before: each prompt alone into its cache row
 (a pass of one prompt; the same arithmetic as ``GPT.features``).
