@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,46 +15,31 @@ import pytest
 from medgpt.config import Recipe
 from medgpt.errors import ConfigError
 from medgpt.launch import train
-from tests.conftest import RAY_BIN, _free_port, _stop_test_clusters, tiny_recipe, wait_for
-from tests.test_train_ray import LONG, _driver, _registered_steps
+from medgpt.testing import wait_for
+from medgpt.testing.ray_cluster import alive_nodes, join_node, make_temp_dir, stop_test_clusters
+from medgpt.testing.training import LONG, registered_steps, start_driver, tiny_recipe
 
 pytestmark = pytest.mark.slow
-
-
-def _alive_nodes(dashboard: str) -> list:
-    from ray.util.state import list_nodes
-
-    # Filtered on the client: with a server-side filter the State API raises when the filter
-    # drops nodes ("Failed to retrieve all 2 nodes ... data truncation").
-    return [n for n in list_nodes(address=dashboard) if n.state == "ALIVE"]
 
 
 @pytest.fixture
 def second_node(ray_cluster):
     """A 1-CPU raylet joined to the session cluster; removed (SIGKILL) by the test or at the
     end. Its temp dir marks its processes, so removing it touches nothing else."""
-    before = len(_alive_nodes(ray_cluster["dashboard"]))
-    temp = tempfile.mkdtemp(prefix="rmt-node2-", dir="/tmp")
-    cmd = [
-        str(RAY_BIN), "start", f"--address={ray_cluster['address']}", "--num-cpus=1",
-        f"--temp-dir={temp}", f"--node-manager-port={_free_port()}",
-        f"--object-manager-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", "--disable-usage-stats",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    before = len(alive_nodes(ray_cluster["dashboard"]))
+    temp = make_temp_dir("node2-")
+    join_node(ray_cluster["address"], temp, num_cpus=1)
     wait_for(
-        lambda: len(_alive_nodes(ray_cluster["dashboard"])) == before + 1, 60, "the second node"
+        lambda: len(alive_nodes(ray_cluster["dashboard"])) == before + 1, 60, "the second node"
     )
 
     def remove() -> None:
-        _stop_test_clusters(grace_s=0.0, marker=temp.encode())
+        stop_test_clusters(grace_s=0.0, marker=str(temp).encode())
 
     yield remove
     remove()
     shutil.rmtree(temp, ignore_errors=True)
-    wait_for(lambda: len(_alive_nodes(ray_cluster["dashboard"])) == before, 90, "node 2 gone")
+    wait_for(lambda: len(alive_nodes(ray_cluster["dashboard"])) == before, 90, "node 2 gone")
 
 
 def _worker_nodes(dashboard: str) -> set[str]:
@@ -70,11 +53,21 @@ def _worker_nodes(dashboard: str) -> set[str]:
     return {w.node_id for w in workers}
 
 
-def _run_until_node_removed(recipe, tmp_path, name, ray_cluster, remove) -> subprocess.Popen:
-    run_dir = Path(recipe["job"]["storage_path"]) / recipe["job"]["name"]
-    proc = _driver(recipe, tmp_path, name)
+def _lose_node_mid_run(
+    data: Path, tmp_path: Path, name: str, strategy: str, ray_cluster, remove
+) -> tuple[int, str, Path]:
+    """A LONG 2-worker run under ``strategy`` (one retry allowed) in a driver process: once it
+    has registered a checkpoint with one worker on each node, node 2 is removed. Returns the
+    driver's exit status, its log and the run's folder."""
+    storage = tmp_path / "shared"
+    recipe = tiny_recipe(
+        data, storage, name, **LONG,
+        **{"job.placement_strategy": strategy, "job.max_failures": 1},
+    )  # fmt: skip
+    run_dir = storage / name
+    proc = start_driver(recipe, tmp_path, name)
     try:
-        wait_for(lambda: _registered_steps(run_dir), 240, "the first registered checkpoint")
+        wait_for(lambda: registered_steps(run_dir), 240, "the first registered checkpoint")
         nodes = wait_for(
             lambda: (n := _worker_nodes(ray_cluster["dashboard"])) and len(n) == 2 and n,
             60,
@@ -82,19 +75,11 @@ def _run_until_node_removed(recipe, tmp_path, name, ray_cluster, remove) -> subp
         )
         assert len(nodes) == 2
         remove()
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return proc
-
-
-def _finish(proc: subprocess.Popen, timeout_s: float = 300) -> int:
-    """The driver's exit status; killed (with its group) if it outlives the timeout."""
-    try:
-        return proc.wait(timeout_s)
+        rc = proc.wait(300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return rc, (tmp_path / f"{name}.log").read_text(), run_dir
 
 
 def test_strict_spread_needs_as_many_nodes_as_workers(ray_cluster, icd_data, tmp_path) -> None:
@@ -112,18 +97,14 @@ def test_run_survives_losing_a_node_when_it_can_regroup(
 ) -> None:
     """SPREAD: one worker per node while both are there; when node 2 dies, the group restarts
     from the last checkpoint with both workers on the head, and the run finishes."""
-    storage = tmp_path / "shared"
-    recipe = tiny_recipe(
-        icd_data, storage, "spread", **LONG,
-        **{"job.placement_strategy": "SPREAD", "job.max_failures": 1},
-    )  # fmt: skip
-    rc = _finish(_run_until_node_removed(recipe, tmp_path, "spread", ray_cluster, second_node))
-    log = (tmp_path / "spread.log").read_text()
+    rc, log, run_dir = _lose_node_mid_run(
+        icd_data, tmp_path, "spread", "SPREAD", ray_cluster, second_node
+    )
     assert rc == 0, log[-3000:]
     assert log.count("Started training worker group") >= 2, log[-3000:]
-    summary = json.loads((storage / "spread" / "medgpt-result.json").read_text())
+    summary = json.loads((run_dir / "medgpt-result.json").read_text())
     assert summary["final_step"] == 24
-    assert Path(summary["best_checkpoint"]).parent == storage / "spread"
+    assert Path(summary["best_checkpoint"]).parent == run_dir
 
 
 def test_run_fails_clearly_when_it_cannot_place_its_workers(
@@ -131,14 +112,10 @@ def test_run_fails_clearly_when_it_cannot_place_its_workers(
 ) -> None:
     """STRICT_SPREAD: after node 2 dies, two workers cannot be placed one per node; the run
     stops with an error naming the placement (not a hang), and its checkpoints stay."""
-    storage = tmp_path / "shared"
-    recipe = tiny_recipe(
-        icd_data, storage, "strict-lost", **LONG,
-        **{"job.placement_strategy": "STRICT_SPREAD", "job.max_failures": 1},
-    )  # fmt: skip
-    rc = _finish(_run_until_node_removed(recipe, tmp_path, "strict", ray_cluster, second_node))
-    log = (tmp_path / "strict.log").read_text()
+    rc, log, run_dir = _lose_node_mid_run(
+        icd_data, tmp_path, "strict-lost", "STRICT_SPREAD", ray_cluster, second_node
+    )
     assert rc == 2, log[-3000:]
     assert "medgpt train: error: training run 'strict-lost' failed" in log, log[-3000:]
     assert "waiting for 2 workers" in log, log[-3000:]
-    assert _registered_steps(storage / "strict-lost")
+    assert registered_steps(run_dir)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from medgpt.config import Recipe
 from medgpt.errors import ConfigError
 from medgpt.launch import TrainingError, TrainResult, train
-from tests.conftest import REPO, _free_port, tiny_recipe, wait_for
+from medgpt.testing import REPO, free_port, wait_for
+from medgpt.testing.training import LONG, registered_steps, start_driver, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -116,36 +117,6 @@ def test_more_workers_than_the_cluster_has_is_refused(ray_cluster, icd_data, sto
         train(recipe)
 
 
-def _driver(recipe: dict, tmp_path: Path, name: str) -> subprocess.Popen:
-    """`medgpt train` in its own process, attached to the session cluster via RAY_ADDRESS."""
-    import yaml
-
-    cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump(recipe))
-    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(
-        [sys.executable, "-m", "medgpt.cli", "train", "--config", str(cfg)],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        start_new_session=True,
-    )
-
-
-def _registered_steps(run_dir: Path) -> list[str]:
-    snap = run_dir / "checkpoint_manager_snapshot.json"
-    if not snap.exists():
-        return []
-    try:
-        return sorted(set(__import__("re").findall(r"step-\d{6}", snap.read_text())))
-    except OSError:
-        return []
-
-
-LONG = {"train.max_steps": 24, "train.checkpoint_every": 6, "train.eval_every": 6}
-
-
 @pytest.fixture(scope="module")
 def long_reference(ray_cluster, icd_data, storage) -> TrainResult:
     return train(Recipe.from_dict(tiny_recipe(icd_data, storage, "long-reference", **LONG)))
@@ -154,13 +125,13 @@ def long_reference(ray_cluster, icd_data, storage) -> TrainResult:
 def test_resume_after_the_driver_is_stopped(long_reference, icd_data, storage, tmp_path) -> None:
     recipe = tiny_recipe(icd_data, storage, "driver-restart", **LONG)
     run_dir = storage / "driver-restart"
-    proc = _driver(recipe, tmp_path, "first")
+    proc = start_driver(recipe, tmp_path, "first")
     try:
-        wait_for(lambda: _registered_steps(run_dir), 180, "the first registered checkpoint")
+        wait_for(lambda: registered_steps(run_dir), 180, "the first registered checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its job's actors go with it
         proc.wait(30)
-    done_before = _registered_steps(run_dir)
+    done_before = registered_steps(run_dir)
     assert done_before and "step-000024" not in done_before, done_before
     resumed = train(Recipe.from_dict(recipe))
     assert resumed.final_step == 24
@@ -187,9 +158,9 @@ def test_killed_worker_restarts_from_checkpoint(
 
     recipe = tiny_recipe(icd_data, storage, "worker-kill", **LONG, **{"job.max_failures": 1})
     run_dir = storage / "worker-kill"
-    proc = _driver(recipe, tmp_path, "kill")
+    proc = start_driver(recipe, tmp_path, "kill")
     try:
-        wait_for(lambda: _registered_steps(run_dir), 180, "the first registered checkpoint")
+        wait_for(lambda: registered_steps(run_dir), 180, "the first registered checkpoint")
         workers = wait_for(
             lambda: list_actors(
                 address=ray_cluster["dashboard"],
@@ -199,7 +170,7 @@ def test_killed_worker_restarts_from_checkpoint(
             60,
             "live training workers",
         )
-        killed_at = _registered_steps(run_dir)
+        killed_at = registered_steps(run_dir)
         os.kill(workers[-1].pid, signal.SIGKILL)
         assert proc.wait(300) == 0, (tmp_path / "kill.log").read_text()[-3000:]
     finally:
@@ -321,7 +292,7 @@ def test_quickstart_prepares_trains_gates_and_serves(ray_cluster, tmp_path, caps
     assert str(model_version(uri, "models:/medgpt@champion").version) == "1"
 
     # The whole main job: it ends serving the champion behind the page; Ctrl-C stops it all.
-    serve_port, web_port = _free_port(), _free_port()
+    serve_port, web_port = free_port(), free_port()
     log = tmp_path / "quickstart.log"
     with log.open("w") as f:
         proc = subprocess.Popen(

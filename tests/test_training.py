@@ -24,8 +24,8 @@ from medgpt.config import ModelConfig, Recipe, TrainConfig
 from medgpt.errors import CheckpointError, ConfigError, DataError, WeightsError
 from medgpt.launch import train, validate
 from medgpt.model import GPT
+from medgpt.testing.training import tiny_recipe
 from medgpt.training import configure_optimizer, local_context, lr_at, run_loop
-from tests.conftest import tiny_recipe
 
 
 def test_lr_schedule_warms_up_then_decays_to_min() -> None:

@@ -12,8 +12,8 @@ import yaml
 
 from medgpt.cli import main
 from medgpt.errors import ConfigError
+from medgpt.testing.training import tiny_recipe
 from medgpt.tuning import count_trials, load_spec, plan_concurrency, run_sweep
-from tests.conftest import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,14 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "peak_rss_mib", "wait_for"]
+__all__ = ["REPO", "free_port", "peak_rss_mib", "wait_for"]
+
+# The checkout this medgpt is imported from (the editable install the tests and benchmarks run
+# against): they find serve/config.yaml, data/ and runs/ there, and start subprocesses in it.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
