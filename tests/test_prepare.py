@@ -413,33 +413,33 @@ def interrupting_reader(out: Path, n_before: int, saw_shards: list[int]):
     return fake
 
 
-def test_interrupted_run_leaves_no_new_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("existed", [False, True], ids=["new-folder", "existing-empty-folder"])
+def test_interrupted_run_leaves_the_folder_as_it_was(tmp_path, monkeypatch, existed):
     out = tmp_path / "out"
+    if existed:
+        out.mkdir()
     saw: list[int] = []
     monkeypatch.setattr(prep, "read_source", interrupting_reader(out, 3000, saw))
     with pytest.raises(KeyboardInterrupt):
         run(["fake.jsonl"], out, workers=1, shard_tokens=500)
     assert saw and saw[0] > 0, "shards should have been written before the interruption"
-    assert not out.exists()
+    if existed:  # it was there before: kept, and empty
+        assert out.is_dir() and list(out.iterdir()) == []
+    else:
+        assert not out.exists()
 
 
-def test_interrupted_run_in_existing_empty_folder(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    saw: list[int] = []
-    monkeypatch.setattr(prep, "read_source", interrupting_reader(out, 3000, saw))
-    with pytest.raises(KeyboardInterrupt):
-        run(["fake.jsonl"], out, workers=1, shard_tokens=500)
-    assert saw[0] > 0
-    assert out.is_dir()  # it was there before: kept, and empty
-    assert list(out.iterdir()) == []
+def good_then_broken(src: Path, broken: str, n_good: int = 3000) -> Path:
+    """A source folder whose first file has ``n_good`` documents (enough to write shards)
+    and whose second, b.jsonl, is ``broken``."""
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", [f"good document {i}" for i in range(n_good)])
+    (src / "b.jsonl").write_text(broken, encoding="utf-8")
+    return src
 
 
 def test_failing_source_leaves_nothing(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    write_jsonl(src / "a.jsonl", [f"good document {i}" for i in range(3000)])
-    (src / "b.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n', encoding="utf-8")
+    src = good_then_broken(tmp_path / "src", '{"text": "fine"}\n{"text": broken}\n')
     out = tmp_path / "out"
     with pytest.raises(DataError) as e:
         run([src], out, shard_tokens=500, workers=1)
@@ -450,13 +450,9 @@ def test_failing_source_leaves_nothing(tmp_path):
 def test_failed_build_leaves_no_open_files(tmp_path):
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc/self/fd (Linux) to list open files")
-    src = tmp_path / "src"
-    src.mkdir()
-    write_jsonl(src / "a.jsonl", [f"good document {i}" for i in range(3000)])
-    (src / "b.jsonl").write_text("{broken\n", encoding="utf-8")
-    out = tmp_path / "out"
+    src = good_then_broken(tmp_path / "src", "{broken\n")
     with pytest.raises(DataError) as e:
-        run([src], out, shard_tokens=500, workers=1)
+        run([src], tmp_path / "out", shard_tokens=500, workers=1)
     # While the error is still alive (as it is when prepare() cleans up its staging folder, and
     # in any caller that keeps it), the shard files of the aborted build must already be closed:
     # an open file keeps the staging folder from being removed on Windows and leaks descriptors.
@@ -470,10 +466,7 @@ def test_failed_overwrite_keeps_previous_dataset(tmp_path, corpus, monkeypatch):
     good = run(sources, out, shard_tokens=64, val_fraction=0.3, seed=1)
     before = snapshot(out)
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    write_jsonl(bad / "a.jsonl", [f"new document {i}" for i in range(2000)])
-    (bad / "b.jsonl").write_text("not json\n", encoding="utf-8")
+    bad = good_then_broken(tmp_path / "bad", "not json\n", n_good=2000)
     with pytest.raises(DataError, match="malformed JSON"):
         run([bad], out, shard_tokens=64, val_fraction=0.3, seed=2, overwrite=True, workers=1)
     assert snapshot(out) == before
@@ -583,12 +576,17 @@ def test_out_is_a_file(tmp_path, corpus):
     assert out.read_bytes() == b"x"
 
 
-def test_unreadable_manifest_is_refused(tmp_path, corpus):
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("{not json", "not a readable medgpt manifest"), ("[]", "manifest")],
+    ids=["unreadable", "not-an-object"],
+)
+def test_bad_manifest_is_refused(tmp_path, corpus, text, match):
     sources, _ = corpus
     out = tmp_path / "out"
     run(sources, out, val_fraction=0.3)
-    (out / "manifest.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(DataError, match="not a readable medgpt manifest"):
+    (out / "manifest.json").write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=match):
         run(sources, out, val_fraction=0.3)
 
 
@@ -601,15 +599,6 @@ def test_unreadable_manifest_is_replaced_with_overwrite(tmp_path, corpus):
     m = run(sources, out, val_fraction=0.3, overwrite=True)
     assert m.status == "written"
     assert manifest_of(out)["content_hash"] == m.manifest["content_hash"]
-
-
-def test_manifest_that_is_not_an_object_is_a_data_error(tmp_path, corpus):
-    sources, _ = corpus
-    out = tmp_path / "out"
-    run(sources, out, val_fraction=0.3)
-    (out / "manifest.json").write_text("[]", encoding="utf-8")
-    with pytest.raises(DataError, match="manifest"):
-        run(sources, out, val_fraction=0.3)
 
 
 # --- too little data ---------------------------------------------------------------------------
