@@ -448,3 +448,24 @@ def test_flag_kinds_bool_negated_repeated_optional() -> None:
     assert flag_for(_Flagged, "limit", help="other words").help == "other words"
     with pytest.raises(KeyError):
         flag_for(_Flagged, "inner.lr")
+
+
+def test_cli_flags_map_through_the_declarations(tmp_path: Path, capsys) -> None:
+    from medgpt.cli import _load_recipe, build_parser, main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {n_layer: 2, n_head: 2, n_embd: 32, block_size: 64}\n"
+                      "train: {seq_len: 64, max_steps: 3}\n")  # fmt: skip
+    argv = ["train", "--config", str(recipe), "--set", "train.max_steps=5", "--set",
+            "job.name=from-set", "--max-steps", "7", "--storage", "elsewhere"]  # fmt: skip
+    r = _load_recipe(build_parser().parse_args(argv))
+    # The YAML, then --set, then the flags: a flag given wins over a --set of the same key.
+    assert (r.train.max_steps, r.job.name, r.job.storage_path) == (7, "from-set", "elsewhere")
+    assert r.model.n_layer == 2 and r.train.seq_len == 64
+
+    assert main(["train", "--config", str(recipe), "--max-steps", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err == "medgpt train: error: --max-steps: train.max_steps: expected int, got 'abc'\n"
+    assert main(["tune", "--config", str(recipe), "--num-samples", "many"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-samples: sweep.num_samples: expected int, got 'many'" in err
