@@ -26,17 +26,14 @@ logits to float32 rounding (checked on every step, the largest difference printe
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from _common import decode_kernel_missing, peak_rss_mib  # also puts the repo on sys.path
+
+from medgpt.testing import bench
 
 METHODS = {
     "kernel": "kernel attention (decode_attention)",
@@ -93,14 +90,10 @@ def time_sampling(logits: list[torch.Tensor], B: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="gpt2", help="ModelConfig preset (default gpt2, 124M)")
+    ap = bench.model_bench_parser(__doc__, rounds=3)
     ap.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
     ap.add_argument("--prompt-tokens", type=int, default=24, help="row 0's prompt length")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per round and method")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
-    ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args(argv)
     try:
         batches = [int(b) for b in a.batch.split(",")]
@@ -114,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     from medgpt.kv_cache import KVCache
     from medgpt.model import GPT
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if decode_kernel_missing("nothing to compare"):
+    bench.set_threads(a.threads)
+    if bench.decode_kernel_missing("nothing to compare"):
         return 1
     cfg = ModelConfig.preset(a.size)
     longest = a.prompt_tokens + 2 * (max(batches) - 1) + a.steps
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         order = list(METHODS)
         for r in range(a.rounds):
             logits = {}
-            for m in order[r % 2 :] + order[: r % 2]:
+            for m in bench.in_turn(order, r):
                 with attention(m):
                     ts, logits[m] = run_steps(model, cache, start, a.steps, tokens)
                 times[m] += ts
@@ -156,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.size} ({model.num_params(non_embedding=False) / 1e6:.1f}M params), float32, "
           f"{torch.get_num_threads()} threads, decode kernel linears in both; rows at positions "
           f"{a.prompt_tokens}, {a.prompt_tokens + 2}, ... then {a.steps} steps x {a.rounds} "
-          f"rounds; {platform.processor() or platform.machine()}")  # fmt: skip
+          f"rounds; {bench.cpu_name()}")  # fmt: skip
     print(f"{'batch':>5}  {'method':<36} {'step ms':>8} {'tok/s':>7} {'vs baseline':>12}")
     for res in results:
         B, med = res["batch"], res["median_step_s"]
@@ -169,14 +161,10 @@ def main(argv: list[str] | None = None) -> int:
               f"largest logit difference {res['max_abs_logit_diff']:.1e}")  # fmt: skip
     ok = all(r["max_abs_logit_diff"] < 1e-3 for r in results)
     print(f"same logits to float32 rounding: {'yes' if ok else 'NO'}; peak RSS "
-          f"{peak_rss_mib():,.0f} MiB; load average before "
-          f"{' '.join(f'{x:.2f}' for x in load_before)}")  # fmt: skip
+          f"{bench.peak_rss_mib():,.0f} MiB; load average before "
+          f"{bench.fmt_load(load_before)}")  # fmt: skip
     if a.json:
-        a.json.write_text(json.dumps({
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-            "results": results, "peak_rss_mib": peak_rss_mib(),
-            "load_average_before": load_before, "threads": torch.get_num_threads(),
-        }, indent=2) + "\n")  # fmt: skip
+        bench.write_json(a.json, a, results=results, load_average_before=load_before)
     return 0 if ok else 1
 
 

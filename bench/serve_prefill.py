@@ -22,16 +22,13 @@ kernel gives a row the same numbers in any batch, so packing changes no result.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from _common import decode_kernel_missing, peak_rss_mib  # also puts the repo on sys.path
+
+from medgpt.testing import bench
 
 TEXT = (
     "The patient is a 64-year-old man with type 2 diabetes mellitus, hypertension and chronic "
@@ -66,13 +63,9 @@ def admit_once(engine, batch: list[list[int]], tag: str) -> tuple[float, list[in
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="gpt2", help="ModelConfig preset (default gpt2, 124M)")
+    ap = bench.model_bench_parser(__doc__, rounds=5)
     ap.add_argument("--requests", type=int, default=8, help="prompts admitted together")
     ap.add_argument("--prompt-tokens", type=int, default=30, help="tokens per prompt")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
-    ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args(argv)
     if a.requests < 1 or a.prompt_tokens < 1 or a.rounds < 1 or a.threads < 0:
         ap.error("--requests, --prompt-tokens and --rounds must be >= 1, --threads >= 0")
@@ -81,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from medgpt.generation import Engine, SamplingParams
     from medgpt.model import GPT
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if decode_kernel_missing("the engine packs prompts only with it, so nothing to compare"):
+    bench.set_threads(a.threads)
+    if bench.decode_kernel_missing("the engine packs prompts only with it, so nothing to compare"):
         return 1
     cfg = ModelConfig.preset(a.size)
     if a.prompt_tokens + 1 > cfg.block_size:
@@ -102,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens: dict[str, list[int]] = {}
     order = list(METHODS)
     for r in range(a.rounds):
-        for m in order[r % 2 :] + order[: r % 2]:
+        for m in bench.in_turn(order, r):
             elapsed, tokens[m] = admit_once(engines[m], batch, f"r{r}")
             times[m].append(elapsed)
     same = tokens["packed"] == tokens["alone"]
@@ -111,23 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.size} ({model.num_params(non_embedding=False) / 1e6:.1f}M params), float32, "
           f"{torch.get_num_threads()} threads, decode kernel on; {a.requests} prompts x "
           f"{a.prompt_tokens} tokens admitted in one step; {a.rounds} rounds; "
-          f"{platform.processor() or platform.machine()}")  # fmt: skip
+          f"{bench.cpu_name()}")  # fmt: skip
     print(f"{'method':<34} {'median ms':>10} {'prompt tok/s':>13} {'vs baseline':>12}")
     for m, label in METHODS.items():
         print(f"{label:<34} {med[m] * 1e3:>10.0f} {n_tok / med[m]:>13.0f} "
               f"{med['alone'] / med[m]:>11.2f}x")  # fmt: skip
     print("per round (ms): " + "; ".join(
         f"{m} " + " / ".join(f"{t * 1e3:.0f}" for t in ts) for m, ts in times.items()))  # fmt: skip
-    print(f"same first tokens: {'yes' if same else 'NO'}; peak RSS {peak_rss_mib():,.0f} MiB "
-          f"(one model, both engines' caches); load average before "
-          f"{' '.join(f'{x:.2f}' for x in load_before)}")  # fmt: skip
+    print(f"same first tokens: {'yes' if same else 'NO'}; peak RSS "
+          f"{bench.peak_rss_mib():,.0f} MiB (one model, both engines' caches); load average "
+          f"before {bench.fmt_load(load_before)}")  # fmt: skip
     if a.json:
-        a.json.write_text(json.dumps({
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-            "median_s": med, "rounds_s": times, "speedup": med["alone"] / med["packed"],
-            "same_first_tokens": same, "peak_rss_mib": peak_rss_mib(),
-            "load_average_before": load_before, "threads": torch.get_num_threads(),
-        }, indent=2) + "\n")  # fmt: skip
+        bench.write_json(a.json, a, median_s=med, rounds_s=times,
+                         speedup=med["alone"] / med["packed"], same_first_tokens=same,
+                         load_average_before=load_before)  # fmt: skip
     return 0 if same else 1
 
 
