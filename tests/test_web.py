@@ -19,7 +19,7 @@ import requests
 from flask import Flask
 
 from medgpt.errors import ConfigError
-from medgpt.testing import free_port, wait_for
+from medgpt.testing import REPO, free_port, wait_for
 from medgpt.testing.serving import (
     MODEL_ID,
     closed_port_url,
@@ -29,8 +29,6 @@ from medgpt.testing.serving import (
     web_server,
 )
 from web.app import CSP, check_bind, create_app
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from medgpt.testing import wait_for
-from medgpt.testing.serving import (
-    MODEL_ID,
-    closed_port_url,
-    serve_app,
-    serve_stats,
-    tiny_checkpoint,
-    web_server,
-)
+from medgpt.testing import REPO, wait_for
+from medgpt.testing import serving as harness
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
@@ -42,15 +34,15 @@ COMPLETION = "document.getElementById('out-completion').textContent"
 
 @pytest.fixture(scope="module")
 def serve_url(ray_cluster, tmp_path_factory) -> str:
-    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("browser-ckpt"))
+    ckpt = harness.tiny_checkpoint(tmp_path_factory.mktemp("browser-ckpt"))
     storage = tmp_path_factory.mktemp("browser-store")
-    with serve_app(ray_cluster["address"], ckpt, storage, "web-browser") as url:
+    with harness.serve_app(ray_cluster["address"], ckpt, storage, "web-browser") as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def page_url(serve_url) -> str:
-    with web_server({"SERVE_URL": serve_url}) as url:
+    with harness.web_server({"SERVE_URL": serve_url}) as url:
         yield url
 
 
@@ -100,7 +92,7 @@ class Page:
         self.page.wait_for_function(f"() => {expr}", timeout=timeout)
 
     def model_loaded(self) -> None:
-        self.until(f"document.getElementById('model').textContent.includes({MODEL_ID!r})")
+        self.until(f"document.getElementById('model').textContent.includes({harness.MODEL_ID!r})")
 
     def fill(self, **fields: str) -> None:
         for name, value in fields.items():
@@ -158,7 +150,7 @@ def test_tokens_stream_in_and_stop_cancels_the_generation(
 ) -> None:
     p = open_page(page_url)
     p.model_loaded()
-    before = serve_stats(serve_url)["finished"].get("cancelled", 0)
+    before = harness.serve_stats(serve_url)["finished"].get("cancelled", 0)
     p.fill(prompt="E11 Type 2 diabetes mellitus\n", max_new_tokens="512", temperature="1",
            seed="5")  # fmt: skip
     p.generate(keyboard=True)  # Ctrl+Enter
@@ -177,11 +169,11 @@ def test_tokens_stream_in_and_stop_cancels_the_generation(
     assert p.js(COMPLETION) == shown  # nothing arrives after Stop
     # Closing the stream cancelled the generation in Serve, before its 512 tokens.
     wait_for(
-        lambda: serve_stats(serve_url)["finished"].get("cancelled", 0) > before,
+        lambda: harness.serve_stats(serve_url)["finished"].get("cancelled", 0) > before,
         30,
         "Serve to cancel the stopped generation",
     )
-    assert serve_stats(serve_url)["running"] == 0
+    assert harness.serve_stats(serve_url)["running"] == 0
     p.page.screenshot(path=str(shots / "stopped.png"), full_page=True)
 
 
@@ -263,7 +255,7 @@ def test_bad_input_shows_readable_errors(open_page, page_url, shots) -> None:
 
 
 def test_backend_down_shows_an_error_state(open_page, shots) -> None:
-    with web_server({"SERVE_URL": closed_port_url(), "CONNECT_TIMEOUT": 2}) as down_url:
+    with harness.web_server({"SERVE_URL": harness.closed_port_url(), "CONNECT_TIMEOUT": 2}) as down_url:
         p = open_page(down_url)
         p.until("document.getElementById('backend').dataset.state === 'down'")
         assert "unreachable" in p.page.text_content("#backend")
@@ -277,7 +269,7 @@ def test_backend_down_shows_an_error_state(open_page, shots) -> None:
 
 
 def test_api_key_is_asked_for_and_sent(open_page, serve_url) -> None:
-    with web_server({"SERVE_URL": serve_url, "API_KEY": "s3cret"}) as url:
+    with harness.web_server({"SERVE_URL": serve_url, "API_KEY": "s3cret"}) as url:
         p = open_page(url)
         assert p.page.is_visible("#apikey")
         p.fill(prompt="Asthma is", max_new_tokens="4")
@@ -314,8 +306,8 @@ def test_docs_screenshot(browser, ray_cluster, tmp_path) -> None:
     if not (storage / "mlflow.db").exists():
         pytest.skip("no runs/mlflow.db: run `make quickstart` first")
     with (
-        serve_app(ray_cluster["address"], "models:/medgpt@champion", storage, "champion") as url,
-        web_server({"SERVE_URL": url}) as page_url,
+        harness.serve_app(ray_cluster["address"], "models:/medgpt@champion", storage, "champion") as url,
+        harness.web_server({"SERVE_URL": url}) as page_url,
     ):
         p = Page(browser, page_url, width=1100, height=1000)
         p.until("document.getElementById('model').textContent.includes('registry version')")
