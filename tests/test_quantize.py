@@ -11,7 +11,8 @@ import torch.nn as nn
 from medgpt.config import ModelConfig
 from medgpt.evaluation import EvalConfig, score_documents
 from medgpt.generation import Engine, SamplingParams
-from medgpt.model import GPT, KVCache
+from medgpt.kv_cache import KVCache
+from medgpt.model import GPT
 from medgpt.quantize import is_quantized, quantize_int8, weight_bytes
 from medgpt.tokenizer import EOT_ID, get_tokenizer
 
