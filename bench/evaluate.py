@@ -24,12 +24,7 @@ printed beside speed: the two recipes give each token nearly, not exactly, the s
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
-import platform
-import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +32,9 @@ from typing import Any
 
 import torch
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-
-from medgpt.config import ModelConfig  # noqa: E402
+from medgpt.config import ModelConfig
+from medgpt.testing import REPO
+from medgpt.testing import bench as harness
 
 METHODS = {"ours": "medgpt score_documents", "hf": "HF sliding window"}
 
@@ -58,7 +51,7 @@ def _documents(data: str, split: str, n: int) -> list[tuple[str, Any]]:
 
 
 def _run(method: str, folder: str, args: dict[str, Any]) -> dict[str, Any]:
-    torch.set_num_threads(args["threads"]) if args["threads"] else None
+    harness.set_threads(args["threads"])
     device = torch.device(args["device"])
     docs = _documents(args["data"], args["split"], args["documents"])
     if method == "ours":
@@ -106,19 +99,21 @@ def _run(method: str, folder: str, args: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "tokens": tokens,
         "loss": nll / tokens,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": harness.peak_rss_mib(),
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default=str(_REPO / "data/icd10cm"), help="prepared dataset")
+    p.add_argument("--data", default=str(REPO / "data/icd10cm"), help="prepared dataset")
     p.add_argument("--split", default="val")
     p.add_argument("--documents", type=int, default=24, help="first N documents of the split")
     p.add_argument("--size", default="gpt2", help="model preset (tiny, gpt2, ...)")
     p.add_argument("--stride", type=int, default=None, help="window advance (half the context)")
     p.add_argument("--batch-tokens", type=int, default=8192)
-    p.add_argument("--head-chunk", type=int, default=None, help="rows per head matmul (default: EvalConfig's)")
+    p.add_argument(
+        "--head-chunk", type=int, default=None, help="rows per head matmul (default: EvalConfig's)"
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default")
     p.add_argument("--device", default="cpu")
@@ -137,18 +132,15 @@ def main() -> None:
         save_hf_gpt2(model, Path(tmp) / "hf")
         del model
         args = vars(a) | {"data": str(Path(a.data).resolve())}
-        ctx = mp.get_context("spawn")
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
         for r in range(a.rounds):
-            order = list(METHODS) if r % 2 == 0 else list(reversed(METHODS))
-            for m in order:
-                with ctx.Pool(1) as pool:
-                    runs[m].append(pool.apply(_run, (m, tmp, args)))
+            for m in harness.in_turn(list(METHODS), r):  # each round in a fresh process
+                runs[m].append(harness.in_fresh_process(_run, m, tmp, args))
     params = count_params(config, non_embedding=False)
     print(
         f"scoring {runs['ours'][0]['tokens']:,} tokens of {a.documents} documents "
         f"({a.data}, {a.split}); model {a.size} ({params / 1e6:.0f}M params, context "
-        f"{config.block_size}), {a.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{config.block_size}), {a.device}, torch {torch.__version__}, {harness.cpu_name()}, "
         f"threads {a.threads or torch.get_num_threads()}, {a.rounds} rounds"
     )
     print(f"{'method':<26}{'tok/s':>10}{'s (median)':>12}{'loss':>10}{'peak RSS':>12}")
@@ -157,12 +149,17 @@ def main() -> None:
         secs = statistics.median(x["seconds"] for x in runs[m])
         tps = runs[m][0]["tokens"] / secs
         rss = max(x["peak_rss_mib"] for x in runs[m])
-        summary[m] = {"tokens_per_s": tps, "seconds": secs, "loss": runs[m][0]["loss"], "peak_rss_mib": rss}
+        summary[m] = {
+            "tokens_per_s": tps,
+            "seconds": secs,
+            "loss": runs[m][0]["loss"],
+            "peak_rss_mib": rss,
+        }
         print(f"{label:<26}{tps:>10.0f}{secs:>12.2f}{runs[m][0]['loss']:>10.4f}{rss:>9.0f} MiB")
     ratio = summary["ours"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
     print(f"speed ratio medgpt / HF sliding window: {ratio:.2f}x")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs, "summary": summary}, indent=2))
+        harness.dump_json(Path(a.json), {"args": vars(a), "runs": runs, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -27,31 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-# Run as a script, sys.path[0] is bench/; the package lives one level up. Spawned workers inherit
-# the parent's sys.path, so this also makes medgpt importable there.
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-
-from medgpt.config import ModelConfig  # noqa: E402
-from medgpt.model import flops_per_token  # noqa: E402
+from medgpt.config import ModelConfig
+from medgpt.model import flops_per_token
+from medgpt.testing import bench as harness
 
 IMPLS: dict[str, str] = {
     "ours": "medgpt GPT",
@@ -62,8 +53,6 @@ LR = 6e-4
 SEED = 1234
 # A shape small enough for a quick look on any CPU, big enough that matmuls dominate.
 SMALL = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256}
-
-R = TypeVar("R")
 
 
 @dataclass
@@ -91,22 +80,6 @@ def model_config(size: str) -> ModelConfig:
     return ModelConfig.preset(size)
 
 
-def _rss_now_mib() -> float:
-    """Current resident set size (Linux /proc), to separate import cost from model cost."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -117,19 +90,13 @@ def _autocast(device: torch.device, dtype: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
-def _set_threads(threads: int | None) -> int:
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
 def measure_peak_flops(device_name: str, dtype: str, threads: int | None, n: int = 2048) -> float:
     """Best sustained FLOP/s of an ``n``×``n`` matmul in the training dtype: the MFU denominator.
 
     A measured peak rather than a datasheet one, because a CPU's depends on its clock, its SIMD
     width and the thread count; that is also why it runs with the benchmark's own thread count.
     """
-    _set_threads(threads)
+    harness.set_threads(threads)
     device = torch.device(device_name)
     mm_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(SEED)
@@ -167,22 +134,13 @@ def _build(impl: str, config: ModelConfig) -> tuple[torch.nn.Module, Callable[..
     # Imported only here so that the medgpt worker's resident memory does not include it.
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    hf_config = GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        activation_function="gelu_new",  # GPT-2's tanh-approximate GELU
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
-        layer_norm_epsilon=config.layer_norm_epsilon,
-        tie_word_embeddings=True,
-        # The same attention kernel as ours (F.scaled_dot_product_attention), and no KV cache:
-        # a training step has no use for one, and building it is not model compute.
-        attn_implementation="sdpa",
-        use_cache=False,
+    from medgpt.hf import hf_config_dict
+
+    # The config medgpt exports the same shape with (tanh GELU, tied head, our dropout); then
+    # the same attention kernel as ours (F.scaled_dot_product_attention), and no KV cache: a
+    # training step has no use for one, and building it is not model compute.
+    hf_config = GPT2Config.from_dict(
+        {**hf_config_dict(config), "use_cache": False}, attn_implementation="sdpa"
     )
     hf = GPT2LMHeadModel(hf_config)
 
@@ -191,43 +149,6 @@ def _build(impl: str, config: ModelConfig) -> tuple[torch.nn.Module, Callable[..
         return hf(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
 
     return hf, hf_loss
-
-
-class _Worker:
-    """One model in its own spawned interpreter, stepping only when the parent says so.
-
-    Spawned, not forked: a fork would inherit the parent's memory and torch state, and then
-    neither the peak RSS nor the allocator would be the model's own.
-    """
-
-    def __init__(self, impl: str, *args: Any) -> None:
-        self.impl = impl
-        self._conn, child = mp.get_context("spawn").Pipe()
-        self._proc = mp.get_context("spawn").Process(
-            target=_worker_main, args=(child, impl, *args), daemon=True
-        )
-        self._proc.start()
-        child.close()
-
-    def call(self, command: str) -> Any:
-        """Send ``command`` ("ready", "step" or "done") and wait for the worker's answer."""
-        if command != "ready":
-            self._conn.send(command)
-        try:
-            kind, payload = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(
-                f"{IMPLS[self.impl]} worker exited (code {self._proc.exitcode}); out of memory?"
-            ) from None
-        if kind == "error":
-            raise RuntimeError(f"{IMPLS[self.impl]} worker failed:\n{payload}")
-        return payload
-
-    def close(self) -> None:
-        self._conn.close()
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.kill()
 
 
 def _worker_main(
@@ -241,17 +162,17 @@ def _worker_main(
     dtype: str,
 ) -> None:
     """Build one model and its optimizer, then run one timed training step per "step" request."""
-    try:
+    with harness.reporting_errors(conn):
         from medgpt.training import configure_optimizer
 
-        n_threads = _set_threads(threads)
+        n_threads = harness.set_threads(threads)
         device = torch.device(device_name)
         config = model_config(size)
         if impl != "ours":
             # Imported before the baseline reading, so the baseline holds each library's import
             # cost and peak minus baseline is what the model and its training state take.
             import transformers  # noqa: F401
-        base_rss = _rss_now_mib()
+        base_rss = harness.rss_now_mib()
 
         torch.manual_seed(SEED)
         model, loss_fn = _build(impl, config)
@@ -285,16 +206,12 @@ def _worker_main(
                 {
                     # Tied tensors are yielded once by parameters(), so this is the real count.
                     "n_params": sum(p.numel() for p in model.parameters()),
-                    "peak_rss_mib": _peak_rss_mib(),
+                    "peak_rss_mib": harness.peak_rss_mib(),
                     "base_rss_mib": base_rss,
                     "threads": n_threads,
                 },
             )
         )
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
 
 
 def measure_size(size: str, args: argparse.Namespace) -> list[Result]:
@@ -307,21 +224,21 @@ def measure_size(size: str, args: argparse.Namespace) -> list[Result]:
     """
     config = model_config(size)
     worker_args = (size, args.batch_size, args.seq_len, args.threads, args.device, args.dtype)
-    workers = [_Worker(impl, *worker_args) for impl in args.impl_list]
+    workers = [harness.Worker(IMPLS[impl], _worker_main, impl, *worker_args)
+               for impl in args.impl_list]  # fmt: skip
     try:
         for w in workers:
-            w.call("ready")
+            w.call()  # wait for "ready"
         times: dict[str, list[float]] = {impl: [] for impl in args.impl_list}
         losses: dict[str, list[float]] = {impl: [] for impl in args.impl_list}
         for step in range(args.warmup + args.steps):
             print(f"  {size}: step {step + 1}/{args.warmup + args.steps}", file=sys.stderr)
-            k = step % len(workers)
-            for w in workers[k:] + workers[:k]:
+            for impl, w in harness.in_turn(list(zip(args.impl_list, workers, strict=True)), step):
                 dt, loss = w.call("step")
-                losses[w.impl].append(loss)
+                losses[impl].append(loss)
                 if step >= args.warmup:
-                    times[w.impl].append(dt)
-        stats = {w.impl: w.call("done") for w in workers}
+                    times[impl].append(dt)
+        stats = {impl: w.call("done") for impl, w in zip(args.impl_list, workers, strict=True)}
     finally:
         for w in workers:
             w.close()
@@ -349,17 +266,11 @@ def measure_size(size: str, args: argparse.Namespace) -> list[Result]:
     return results
 
 
-def in_fresh_process(fn: Callable[..., R], *args: Any) -> R:
-    """Call ``fn(*args)`` in a new spawned interpreter and return its result (errors re-raise)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def machine_info(device_name: str) -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": harness.cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
@@ -369,21 +280,6 @@ def machine_info(device_name: str) -> dict[str, Any]:
     if device_name.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device_name))
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _fmt_load(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load) + f" (1/5/15 min, {os.cpu_count()} cores)"
 
 
 def print_table(
@@ -487,10 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Other processes share the cores on small machines; a high figure here means noisy timings.
     load_before = os.getloadavg()
-    print(f"device {args.device}, {args.dtype}; load average before: {_fmt_load(load_before)}")
+    print(
+        f"device {args.device}, {args.dtype}; load average before: {harness.fmt_load(load_before)}"
+    )
     peaks: list[float] = []
     if not args.peak_tflops:
-        peaks.append(in_fresh_process(measure_peak_flops, args.device, args.dtype, args.threads))
+        peaks.append(
+            harness.in_fresh_process(measure_peak_flops, args.device, args.dtype, args.threads)
+        )
     print(
         "optimizers: medgpt + HF rows use medgpt.training.configure_optimizer(lr=6e-4) "
         "(fused AdamW, decay on matrices only); the last row uses "
@@ -515,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # Measured again after the runs and the higher one kept: load from elsewhere can only
         # lower a measurement, and a low peak would inflate every MFU.
-        peaks.append(in_fresh_process(measure_peak_flops, args.device, args.dtype, args.threads))
+        peaks.append(
+            harness.in_fresh_process(measure_peak_flops, args.device, args.dtype, args.threads)
+        )
         peak = max(peaks)
         peak_src = (
             f"measured: 2048x2048 {args.dtype} matmul at the same thread count, best of before/after "
@@ -524,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r.mfu = r.flops_per_token * r.tokens_per_s / peak
     print(f"MFU peak {peak / 1e12:.3f} TFLOP/s ({peak_src})")
-    print(f"load average after: {_fmt_load(load_after)}")
+    print(f"load average after: {harness.fmt_load(load_after)}")
     for size, config, rows in tables:
         print_table(size, config, rows, args)
 

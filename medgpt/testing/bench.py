@@ -27,6 +27,7 @@ __all__ = [
     "Worker",
     "cpu_name",
     "decode_kernel_missing",
+    "dump_json",
     "fmt_load",
     "in_fresh_process",
     "in_turn",
@@ -174,4 +175,11 @@ def write_json(path: Path, args: argparse.Namespace, **results: Any) -> None:
         "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
     }
+    dump_json(path, record)
+
+
+def dump_json(path: Path, record: dict[str, Any]) -> None:
+    """Write a benchmark's ``record`` to ``path`` (its folder made if need be), and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
