@@ -545,6 +545,20 @@ def test_disabled_by_environment(tmp_path, setting: dict[str, str], reason: str)
     assert "files: None" in r.stdout
 
 
+def test_a_library_that_does_not_load_falls_back_with_the_reason(tmp_path) -> None:
+    # A cache entry that is not a shared library (a disk filled mid-copy, another tool's file):
+    # the reason names it, and nothing is rebuilt over it behind the user's back.
+    r = _python(
+        "import os; from medgpt import kernels; p = kernels.library_path(); "
+        "p.parent.mkdir(parents=True); p.write_bytes(b'not an ELF file'); "
+        "print('reason:', kernels.unavailable_reason())",
+        MEDGPT_KERNEL_CACHE=str(tmp_path / "k"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "reason: loading " in r.stdout and "medgpt_kernels-" in r.stdout
+    assert " failed: " in r.stdout
+
+
 def test_not_x86_64_with_avx2_and_fma_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     # The one check that cannot be run for real here: on an ARM machine platform.machine()
     # says so, and the loader must stop before the compiler is called.

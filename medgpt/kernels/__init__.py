@@ -21,7 +21,8 @@ against torch's headers into a per-user cache (``$MEDGPT_KERNEL_CACHE``, else
 ``~/.cache/medgpt/kernels``), named by a hash of the sources, the flags and torch's version,
 so it is built once per machine and torch (~11 s here). It links the OpenMP runtime torch
 already loaded, so both share one thread pool. Where it cannot be had (``MEDGPT_KERNELS=off``,
-no compiler, not x86-64 with AVX2 and FMA, a failed build, an unwritable cache),
+no compiler, not x86-64 with AVX2 and FMA, a failed build, an unwritable cache, a cached
+library that does not load),
 :func:`available` is False with the reason in :func:`unavailable_reason`, and everything stays
 on ``F.linear`` and SDPA.
 
@@ -53,6 +54,7 @@ __all__ = [
     "SmallBatchLinear",
     "available",
     "decode_attention",
+    "library_path",
     "shared_tree",
     "small_linear",
     "unavailable_reason",
@@ -154,6 +156,14 @@ def _compile(cxx: str, target: Path) -> str | None:
             os.unlink(tmp)
 
 
+def library_path() -> Path:
+    """Where the built library is cached: named by a hash of the sources, the flags and torch's
+    version, so that a change to any of them builds a new one."""
+    source = b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS))
+    key = source + " ".join(_FLAGS).encode() + torch.__version__.encode()
+    return _cache_dir() / f"medgpt_kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
+
+
 def _load() -> str | None:
     """Build (when not cached) and load the operators; None on success, else why not."""
     off = _disabled()
@@ -161,9 +171,7 @@ def _load() -> str | None:
         return off
     if not _cpu_has_avx2_fma():
         return "this CPU is not x86-64 with AVX2 and FMA"
-    source = b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS))
-    key = source + " ".join(_FLAGS).encode() + torch.__version__.encode()
-    target = _cache_dir() / f"medgpt_kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    target = library_path()
     if not target.exists():
         # The compiler is needed only to build: a cached library loads without one.
         cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
