@@ -53,9 +53,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,10 +65,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Run as a script, sys.path[0] is bench/; the package lives one level up.
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+from medgpt.testing import REPO, free_port, peak_rss_mib
+from medgpt.testing import bench as harness
 
 WORKER_CMD = "_worker"  # hidden subcommand: one rank of the bare / torchrun baselines
 RAY_ENV = {
@@ -82,10 +78,6 @@ RAY_ENV = {
 
 
 # --------------------------------------------------------------------------- the loop, per rank
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_recorded(
@@ -113,7 +105,7 @@ def run_recorded(
         cpu_thread, cpu_proc = time.thread_time(), time.process_time()
         if checkpoint_dir is not None:  # the final step's checkpoint: not part of the measure
             shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
-        rss = _peak_rss_mib()
+        rss = peak_rss_mib()
         steps.append(
             {
                 "step": step,
@@ -141,7 +133,7 @@ def run_recorded(
         "entered": entered,
         "first_step_start": steps[0]["wall"] - steps[0]["step_time_ms"] / 1000,
         "exited": time.time(),
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "steps": steps,
     }
 
@@ -294,6 +286,22 @@ def _read_records(out_dir: Path, world: int) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["rank"])
 
 
+def _launched(launch: Callable[[], Any], out: Path, world: int, watch: CpuWatch) -> dict[str, Any]:
+    """Run ``launch()`` (one case, start to end) and return its wall-clock span, the load
+    before it, the cores other programs used meanwhile, and the ranks' records in ``out``."""
+    load, foreign0 = os.getloadavg()[0], watch.foreign_cpu_s()
+    launched = time.time()
+    launch()
+    ended = time.time()
+    return {
+        "launched": launched,
+        "ended": ended,
+        "load_1m": load,
+        "foreign_cores": (watch.foreign_cpu_s() - foreign0) / (ended - launched),
+        "records": _read_records(out, world),
+    }
+
+
 def run_baseline(recipe: dict[str, Any], world: int, work: Path, watch: CpuWatch) -> dict[str, Any]:
     out = work / f"{'bare' if world == 1 else 'torchrun'}-{uuid.uuid4().hex[:6]}"
     out.mkdir(parents=True)
@@ -307,18 +315,8 @@ def run_baseline(recipe: dict[str, Any], world: int, work: Path, watch: CpuWatch
         cmd += [f"--nproc_per_node={world}", me, WORKER_CMD, str(recipe_path), str(out)]
     # OMP_NUM_THREADS=1 as Ray sets in its workers (torchrun would set it for >1 proc anyway).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    load, foreign0 = os.getloadavg()[0], watch.foreign_cpu_s()
-    launched = time.time()
-    subprocess.run(cmd, env=env, check=True, cwd=str(work))
-    ended = time.time()
-    foreign = (watch.foreign_cpu_s() - foreign0) / (ended - launched)
-    return {
-        "launched": launched,
-        "ended": ended,
-        "load_1m": load,
-        "foreign_cores": foreign,
-        "records": _read_records(out, world),
-    }
+    return _launched(lambda: subprocess.run(cmd, env=env, check=True, cwd=str(work)), out, world,
+                     watch)  # fmt: skip
 
 
 def run_ray(recipe: dict[str, Any], world: int, work: Path, watch: CpuWatch) -> dict[str, Any]:
@@ -340,18 +338,7 @@ def run_ray(recipe: dict[str, Any], world: int, work: Path, watch: CpuWatch) -> 
             failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
         ),
     )
-    load, foreign0 = os.getloadavg()[0], watch.foreign_cpu_s()
-    launched = time.time()
-    trainer.fit()
-    ended = time.time()
-    foreign = (watch.foreign_cpu_s() - foreign0) / (ended - launched)
-    return {
-        "launched": launched,
-        "ended": ended,
-        "load_1m": load,
-        "foreign_cores": foreign,
-        "records": _read_records(out, world),
-    }
+    return _launched(trainer.fit, out, world, watch)
 
 
 def _measured(run: dict[str, Any], warmup: int, batch_tokens: int) -> dict[str, list[float]]:
@@ -422,19 +409,13 @@ def ensure_data(path: str | None, work: Path) -> Path:
         if (p / "manifest.json").is_file():
             return p
         raise SystemExit(f"--data {p}: no manifest.json (prepare it with medgpt prepare)")
-    default = _REPO / "data" / "icd10cm"
+    default = REPO / "data" / "icd10cm"
     if (default / "manifest.json").is_file():
         return default
     out = work / "icd"
     cmd = [sys.executable, "-m", "medgpt.cli", "prepare", "--source", "builtin:icd10cm"]
     subprocess.run([*cmd, "--out", str(out)], check=True)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_load(threshold: float, timeout_s: float) -> float:
@@ -529,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.setdefault((w, impl), []).append(run_baseline(recipes[w], w, work, watch))
 
     def ray_cases(rep: int) -> None:  # one cluster for all Ray cases of a repeat
-        port = _free_port()
+        port = free_port()
         t0 = time.time()
         ray.init(
             address="local",
@@ -609,8 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        harness.dump_json(Path(args.json), result)
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -41,22 +41,19 @@ if missing), and on the random GPT-2-shaped model, for completeness.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import REPO, peak_rss_mib  # also puts the repo on sys.path
+
+from medgpt.testing import REPO
+from medgpt.testing import bench as harness
 
 METHODS = {
     "engine_fp32": "medgpt Engine fp32",
@@ -71,20 +68,6 @@ PROMPT = (
 )
 
 
-def _rss_now_mib() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return float("nan")
-
-
-def _set_threads(threads: int) -> int:
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
 def prompt_ids(n: int) -> list[int]:
     from medgpt.tokenizer import get_tokenizer
 
@@ -96,7 +79,7 @@ def prompt_ids(n: int) -> list[int]:
 
 def measure_bandwidth(threads: int, gib: float = 1.0, reps: int = 3) -> float:
     """Read bandwidth in bytes/s: the best of several sums over a ``gib`` GiB float32 tensor."""
-    _set_threads(threads)
+    harness.set_threads(threads)
     a = torch.ones(int(gib * 2**30) // 4)
     a.sum()  # first touch and thread start-up
     best = float("inf")
@@ -109,38 +92,6 @@ def measure_bandwidth(threads: int, gib: float = 1.0, reps: int = 3) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # One method per process
-
-
-class _Worker:
-    """One method in its own spawned interpreter, generating only when the parent says so."""
-
-    def __init__(self, method: str, folder: str, args: dict[str, Any]) -> None:
-        self.method = method
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_worker_main, args=(child, method, folder, args))
-        self._proc.daemon = True
-        self._proc.start()
-        child.close()
-
-    def call(self, command: str | None) -> Any:
-        if command is not None:
-            self._conn.send(command)
-        try:
-            kind, payload = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(
-                f"{METHODS[self.method]} worker exited (code {self._proc.exitcode})"
-            ) from None
-        if kind == "error":
-            raise RuntimeError(f"{METHODS[self.method]} worker failed:\n{payload}")
-        return payload
-
-    def close(self) -> None:
-        self._conn.close()
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.kill()
 
 
 def _build(method: str, folder: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -202,16 +153,16 @@ def _build(method: str, folder: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _worker_main(conn: Connection, method: str, folder: str, args: dict[str, Any]) -> None:
-    try:
-        threads = _set_threads(args["threads"])
+    with harness.reporting_errors(conn):
+        threads = harness.set_threads(args["threads"])
         if method.startswith("hf"):
             import transformers  # noqa: F401  (before the baseline RSS reading)
-        base_rss = _rss_now_mib()
+        base_rss = harness.rss_now_mib()
         generate, _model, facts = _build(method, folder)
         ids = prompt_ids(args["prompt_tokens"])
         n = args["new_tokens"]
         generate(ids, min(8, n))  # warm-up: thread pools, allocator, first-call paths
-        ready_rss = _rss_now_mib()
+        ready_rss = harness.rss_now_mib()
         conn.send(("ready", None))
         while conn.recv() == "round":
             t0 = time.perf_counter()
@@ -225,12 +176,8 @@ def _worker_main(conn: Connection, method: str, folder: str, args: dict[str, Any
             conn.send(("round", {"t_n": t_n, "t_1": statistics.median(t_1s), "t_1_all": t_1s,
                                  "tokens": tokens}))  # fmt: skip
         conn.send(("done", facts | {"threads": threads, "base_rss_mib": base_rss,
-                                    "ready_rss_mib": ready_rss, "end_rss_mib": _rss_now_mib(),
-                                    "peak_rss_mib": peak_rss_mib()}))  # fmt: skip
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+                                    "ready_rss_mib": ready_rss, "end_rss_mib": harness.rss_now_mib(),
+                                    "peak_rss_mib": harness.peak_rss_mib()}))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +190,7 @@ def loss_change(checkpoint: str, data: str, split: str, documents: int, threads:
     from medgpt.evaluation import EvalConfig, prepared_documents, score_documents
     from medgpt.quantize import quantize_int8
 
-    _set_threads(threads)
+    harness.set_threads(threads)
     docs = []
     for doc in prepared_documents(data, split).documents:
         docs.append(doc)
@@ -265,26 +212,6 @@ def loss_change(checkpoint: str, data: str, split: str, documents: int, threads:
         "seconds_fp32": fp32.seconds,
         "seconds_int8": int8.seconds,
     }
-
-
-def in_fresh_process(fn: Any, *args: Any) -> Any:
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
-def _fmt_load(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load) + f" (1/5/15 min, {os.cpu_count()} cores)"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     print(
-        f"machine: {_cpu_name()} ({os.cpu_count()} cores, "
+        f"machine: {harness.cpu_name()} ({os.cpu_count()} cores, "
         f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}, quantized engine "
         f"{torch.backends.quantized.engine}"
     )
-    print(f"load average before: {_fmt_load(load_before)}")
-    bandwidths = [in_fresh_process(measure_bandwidth, a.threads)]
+    print(f"load average before: {harness.fmt_load(load_before)}")
+    bandwidths = [harness.in_fresh_process(measure_bandwidth, a.threads)]
 
     config = ModelConfig.preset(a.size)
     if a.prompt_tokens + a.new_tokens > config.block_size:
@@ -334,28 +261,27 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(Path(tmp) / "ours", model, {"step": 0})
         save_hf_gpt2(model, Path(tmp) / "hf")
         del model
-        workers = [_Worker(m, tmp, args) for m in METHODS]
+        workers = [harness.Worker(METHODS[m], _worker_main, m, tmp, args) for m in METHODS]
         try:
             for w in workers:
-                w.call(None)  # wait for "ready"
+                w.call()  # wait for "ready"
             for r in range(a.rounds):
                 print(f"  round {r + 1}/{a.rounds}", file=sys.stderr)
-                k = r % len(workers)
-                for w in workers[k:] + workers[:k]:
-                    runs[w.method].append(w.call("round"))
-            facts = {w.method: w.call("done") for w in workers}
+                for m, w in harness.in_turn(list(zip(METHODS, workers, strict=True)), r):
+                    runs[m].append(w.call("round"))
+            facts = {m: w.call("done") for m, w in zip(METHODS, workers, strict=True)}
         finally:
             for w in workers:
                 w.close()
-        random_loss = in_fresh_process(  # the same random weights as the speed rows
+        random_loss = harness.in_fresh_process(  # the same random weights as the speed rows
             loss_change, str(Path(tmp) / "ours"), a.data, a.split, a.loss_documents, a.threads
         )
     trained_loss = None
     if Path(a.checkpoint).is_dir():
-        trained_loss = in_fresh_process(
+        trained_loss = harness.in_fresh_process(
             loss_change, a.checkpoint, a.data, a.split, a.loss_documents, a.threads
         )
-    bandwidths.append(in_fresh_process(measure_bandwidth, a.threads))
+    bandwidths.append(harness.in_fresh_process(measure_bandwidth, a.threads))
     bandwidth = max(bandwidths)
     load_after = os.getloadavg()
     wall = time.perf_counter() - t_start
@@ -441,13 +367,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['loss_fp32']:.4f}, int8 {res['loss_int8']:.4f}, change "
             f"{res['relative_change_pct']:+.3f}%"
         )
-    print(f"load average after: {_fmt_load(load_after)}; wall {wall:.0f} s")
+    print(f"load average after: {harness.fmt_load(load_after)}; wall {wall:.0f} s")
 
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "args": vars(a) | {"json": str(a.json)},
-            "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "machine": {"cpu": harness.cpu_name(), "cpu_count": os.cpu_count(),
                         "torch": torch.__version__, "transformers": transformers.__version__},
             "load_average_before": load_before,
             "load_average_after": load_after,
@@ -457,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             "facts": facts,
             "loss": {"trained": trained_loss, "random": random_loss},
         }  # fmt: skip
-        a.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {a.json}")
+        harness.dump_json(a.json, payload)
     return 0
 
 
