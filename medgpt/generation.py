@@ -223,8 +223,8 @@ class Engine:
         use_kernel = fast_linear and self.device.type == "cpu" and dtype == torch.float32
         if use_kernel:
             self.model = kernels.with_kernel_linears(model).eval()
-        else:
-            self.model = kernels.shared_tree(model).eval()
+        else:  # F.linear throughout, even for a model whose layers were swapped by hand
+            self.model = kernels.with_plain_linears(model).eval()
         # False where the kernels are unavailable or nothing was swapped (an int8 model).
         self.fast_linear = kernels.uses_kernel_linears(self.model)
         # The decode step's attention goes with the linear layers: the kernel's with theirs.

@@ -181,9 +181,7 @@ class DecodeBackend:
 
     name = "sdpa"
 
-    def plan(
-        self, positions: torch.Tensor, last: int, n_head: int, max_len: int
-    ) -> DecodePlan:
+    def plan(self, positions: torch.Tensor, last: int, n_head: int, max_len: int) -> DecodePlan:
         return DecodeRows(positions, last, n_head, max_len)
 
     def __repr__(self) -> str:
@@ -193,9 +191,7 @@ class DecodeBackend:
 class _KernelBackend(DecodeBackend):
     name = "kernel"
 
-    def plan(
-        self, positions: torch.Tensor, last: int, n_head: int, max_len: int
-    ) -> DecodePlan:
+    def plan(self, positions: torch.Tensor, last: int, n_head: int, max_len: int) -> DecodePlan:
         return _KernelRows(positions)
 
 

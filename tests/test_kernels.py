@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from medgpt import kernels
 from medgpt.config import ModelConfig
 from medgpt.generation import Engine, SamplingParams, complete, sample_batch
-from medgpt.kernels import MAX_ROWS, SmallBatchLinear, with_kernel_linears
+from medgpt.kernels import MAX_ROWS, SmallBatchLinear, uses_kernel_linears, with_kernel_linears
 from medgpt.kv_cache import KERNEL, SDPA, DecodeRows, KVCache
 from medgpt.model import GPT
 from medgpt.quantize import is_quantized, quantize_int8
@@ -190,6 +190,12 @@ def test_kernel_linears_share_every_parameter_and_leave_the_model_alone() -> Non
     clone = copy.deepcopy(fast)
     assert isinstance(clone.lm_head, SmallBatchLinear)
     assert clone.lm_head.weight is clone.transformer.wte.weight
+    # And back: plain layers over the same Parameters, which fast_linear=False relies on.
+    plain = kernels.with_plain_linears(fast)
+    assert sum(type(m) is nn.Linear for m in plain.modules()) == n_linear
+    assert _parameters(plain) == params and plain.lm_head.weight is plain.transformer.wte.weight
+    assert not Engine(fast, 1, fast_linear=False).fast_linear
+    assert uses_kernel_linears(fast)  # the engine changed nothing
 
 
 @needs_kernel

@@ -60,6 +60,7 @@ __all__ = [
     "unavailable_reason",
     "uses_kernel_linears",
     "with_kernel_linears",
+    "with_plain_linears",
 ]
 
 # Rows (all leading dimensions together) up to which SmallBatchLinear uses the kernel. On this
@@ -312,6 +313,21 @@ def with_kernel_linears(model: M) -> M:
     same Parameters (see :func:`shared_tree`: nothing is copied, ``model`` is unchanged).
     Where the kernels are unavailable, the copy keeps plain ``nn.Linear`` layers."""
     return shared_tree(model, _kernel_linear if available() else None)
+
+
+def _plain_linear(m: nn.Module) -> nn.Module | None:
+    if not isinstance(m, SmallBatchLinear):
+        return None
+    # Built on the meta device: no weight is allocated before the real Parameters go in.
+    linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+    linear.weight, linear.bias = m.weight, m.bias
+    return linear
+
+
+def with_plain_linears(model: M) -> M:
+    """``model``'s module tree with every :class:`SmallBatchLinear` as a plain ``nn.Linear``
+    over the same Parameters (:func:`shared_tree`: nothing copied, ``model`` unchanged)."""
+    return shared_tree(model, _plain_linear)
 
 
 def uses_kernel_linears(model: nn.Module) -> bool:
