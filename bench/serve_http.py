@@ -66,16 +66,14 @@ import hashlib
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+from medgpt.testing import REPO, free_port
+from medgpt.testing import bench as harness
 
 PROMPTS = [
     "The patient is a 67-year-old woman with a history of congestive heart failure and atrial "
@@ -360,12 +358,6 @@ def print_table(levels: list[dict[str, Any]]) -> None:
 # Server side: a private Ray, the app, the replica's memory
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http_get(url: str, timeout: float = 5.0) -> tuple[int, Any]:
     import requests
 
@@ -484,9 +476,11 @@ def start_server(a: argparse.Namespace, tmp: Path) -> tuple[str, dict[str, Any]]
         "threads": a.num_cpus,
         "int8": a.int8,
     }
-    deployment = {"max_ongoing_requests": 300, "ray_actor_options": {"num_cpus": a.num_cpus}}
+    # The replica's Serve options are app args too (medgpt.serving.config.ServeConfig).
+    deployment = {"max_ongoing_requests": 300, "num_cpus": a.num_cpus}
+    args.update(deployment)
     t0 = time.perf_counter()
-    serve.run(build_app(args, deployment), name="bench", route_prefix="/")
+    serve.run(build_app(args), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     wait_healthy(base, 300)
     info = {"what": what + (", int8" if a.int8 else ", fp32"), "app_args": args,
@@ -535,12 +529,10 @@ def start_web(serve_url: str, a: argparse.Namespace, log_path: Path) -> dict[str
                 "sys.argv[2]}), threaded=True, use_reloader=False, use_debugger=False)"
                 )  # fmt: skip
         cmd = [sys.executable, "-c", code, str(port), serve_url]
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")])
-    )
+    env = dict(os.environ)
     env.pop("MEDGPT_WEB_API_KEY", None)  # a key in the caller's shell would 401 every request
     log = open(log_path, "wb")  # noqa: SIM115 - closed in stop_web
-    proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     web = {"proc": proc, "log": log, "log_path": log_path, "url": f"http://127.0.0.1:{port}",
            "server": server, "cmd": cmd}  # fmt: skip
     t0 = time.perf_counter()
@@ -646,21 +638,6 @@ def print_comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fmt_load(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load) + f" (1/5/15 min, {os.cpu_count()} cores)"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def pytest_pids() -> list[int]:
     """Running pytest processes: other load on the CPUs the benchmark measures (and, before
     commit 84a58e5, a Ray test fixture that ran ``ray stop --force``, which killed every Ray
@@ -763,13 +740,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet = wait_for_quiet(a.wait_quiet) if a.wait_quiet > 0 else []
     load_before = os.getloadavg()
     t_start = time.perf_counter()
-    print(f"machine: {_cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}, "
+    print(f"machine: {harness.cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}, "
           f"aiohttp {aiohttp.__version__}, Python {platform.python_version()}")  # fmt: skip
     if len(quiet) > 1:
         print(f"waited {quiet[-1]['t_s']:.0f} s for quiet: 1-min load "
               f"{' -> '.join(format(x['load1'], '.2f') for x in quiet)}")  # fmt: skip
     busy = pytest_pids()
-    print(f"load average before: {_fmt_load(load_before)}; pytest processes running: "
+    print(f"load average before: {harness.fmt_load(load_before)}; pytest processes running: "
           f"{busy or 'none'}")  # fmt: skip
     if busy:
         print("WARNING: pytest is running: its load skews the timings (and test fixtures before "
@@ -928,13 +905,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{engine['cache_peak_bytes'] / 1e6:,.1f} MB (resizes included), now "
               f"{engine['cache_bytes'] / 1e6:,.1f} MB ({engine['cache_rows']} rows x "
               f"{engine['cache_positions']} positions)")  # fmt: skip
-    print(f"load average after: {_fmt_load(load_after)}; wall {wall:.0f} s")
+    print(f"load average after: {harness.fmt_load(load_after)}; wall {wall:.0f} s")
 
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "args": vars(a) | {"json": str(a.json)},
-            "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "machine": {"cpu": harness.cpu_name(), "cpu_count": os.cpu_count(),
                         "torch": torch.__version__},
             "load_average_before": load_before,
             "load_average_after": load_after,
@@ -951,8 +927,7 @@ def main(argv: list[str] | None = None) -> int:
             "web_vs_direct": comparison,
             "wall_s": wall,
         }  # fmt: skip
-        a.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {a.json}")
+        harness.dump_json(a.json, payload)
     return 0
 
 
