@@ -20,8 +20,6 @@ from medgpt.tokenizer import (
     get_tokenizer,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 MEDICAL_STRINGS = [
     "Ménière's disease",
     "β-blockers 5 mg/kg",
@@ -148,7 +146,6 @@ def test_works_offline_in_fresh_process(tmp_path: Path) -> None:
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TIKTOKEN_CACHE_DIR": str(cache),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         # Any attempt to reach the network fails fast instead of hanging.
         "HTTP_PROXY": "http://127.0.0.1:9",
         "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -243,7 +240,6 @@ def test_unusable_tiktoken_cache_dir(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "TIKTOKEN_CACHE_DIR": str(blocker / "cache"),  # under a file: cannot be created
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
     code = (
         "from medgpt.errors import TokenizerError\n"
