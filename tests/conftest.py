@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from medgpt.testing import REPO, free_port, wait_for
 from medgpt.testing.ray_cluster import (
     export_auth_env,
     make_temp_dir,
@@ -24,10 +23,6 @@ from medgpt.testing.ray_cluster import (
 # connection would fail. So the token settings are exported as soon as pytest loads this file,
 # before it imports any test module.
 _AUTH_ENV = export_auth_env()
-
-# Re-exported for test modules that still import them from here; new code imports them from
-# medgpt.testing.
-__all__ = ["REPO", "free_port", "wait_for"]
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from medgpt.kernels import MAX_ROWS, SmallBatchLinear, uses_kernel_linears, with
 from medgpt.kv_cache import KERNEL, SDPA, DecodeRows, KVCache
 from medgpt.model import GPT
 from medgpt.quantize import is_quantized, quantize_int8
-from tests.conftest import REPO
+from medgpt.testing import REPO
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason=f"kernel unavailable: {kernels.unavailable_reason()}"
