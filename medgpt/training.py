@@ -193,35 +193,39 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class _Tracker:
-    """MLflow logging from rank 0 (a no-op elsewhere or when no run id was given)."""
+    """MLflow logging from rank 0 (a no-op elsewhere or when no run id was given), through
+    tracking.RunLogger: a tracking server that goes away never stops or fails training."""
+
+    # At a checkpoint the records so far are given this long to reach the server; at the end of
+    # the run, FINAL_FLUSH_S. Past that training goes on and the logger keeps trying.
+    CHECKPOINT_FLUSH_S = 10.0
+    FINAL_FLUSH_S = 60.0
 
     def __init__(self, tracking: dict[str, Any] | None, ctx: _Ctx) -> None:
-        self.client = None
+        self.logger = None
         self.run_id = None
         if ctx.is_main and tracking and tracking.get("run_id"):
-            from mlflow.tracking import MlflowClient
+            from medgpt.tracking import RunLogger
 
-            self.client = MlflowClient(tracking_uri=tracking["tracking_uri"])
             self.run_id = tracking["run_id"]
+            self.logger = RunLogger(tracking["tracking_uri"], self.run_id)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        if self.logger is not None:
+            self.logger.metrics(values, step)
 
     def flush(self) -> None:
-        if self.client is not None:
-            import mlflow
-
-            mlflow.flush_async_logging()
+        if self.logger is not None:
+            self.logger.flush(self.CHECKPOINT_FLUSH_S)
 
     def text(self, text: str, path: str) -> None:
-        if self.client is not None:
-            self.client.log_text(self.run_id, text, path)
+        if self.logger is not None:
+            self.logger.text(text, path)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close(self.FINAL_FLUSH_S)
+            self.logger = None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -243,19 +247,53 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _report(metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+    import pyarrow.fs
     import ray.train
 
     if checkpoint_dir is None:
         ray.train.report(metrics)
         return
+    extra: dict[str, Any] = {}
+    store = ray.train.get_context().get_storage()
+    if not isinstance(store.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        extra["checkpoint_upload_fn"] = _checked_upload
     try:
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
             checkpoint_dir_name=f"step-{step:06d}",
+            **extra,
         )
     finally:
         shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
+
+
+def _checked_upload(checkpoint: Any, dir_name: str) -> Any:
+    """Ray Train's checkpoint upload for object storage, with every write checked and retried.
+
+    Ray's own copy loses upload errors (see medgpt.storage) and would register a checkpoint of
+    missing files. Here a failed attempt is deleted and tried again with growing delays; after
+    the last one the report fails with a StorageError, Ray has registered nothing, and the
+    previous checkpoint stays the one a restart resumes from."""
+    import ray.train
+
+    from medgpt import storage
+
+    store = ray.train.get_context().get_storage()
+    fs = store.storage_filesystem
+    dest = store.build_checkpoint_path_from_name(dir_name)
+    uri = f"{fs.type_name}://{dest}"
+
+    def attempt() -> None:
+        with contextlib.suppress(OSError):  # FileNotFoundError too: nothing to delete
+            fs.delete_dir(dest)  # what an earlier, failed attempt left
+        storage.upload_to(fs, dest, checkpoint.path, uri)
+
+    def warn(n: int, e: BaseException, delay: float) -> None:
+        print(f"medgpt: checkpoint upload {n} failed, retrying in {delay:.0f} s: {e}", flush=True)
+
+    storage.with_retries(attempt, f"checkpoint {dir_name} to {uri}", on_retry=warn)
+    return ray.train.Checkpoint(path=dest, filesystem=fs)
 
 
 Reporter = Callable[[dict[str, Any], "Path | None", int], None]
@@ -418,7 +456,7 @@ def run_loop(
             )
         report(metrics, ckpt_dir, step)
         yield metrics
-    tracker.flush()
+    tracker.close()
 
 
 def discard_report(metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
