@@ -360,6 +360,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _stack(args: argparse.Namespace) -> Any:
+    from medgpt.config import flags_of, given_flags
+    from medgpt.stack import Stack, StackConfig
+
+    return Stack.open({o.key: o.value for o in given_flags(args, flags_of(StackConfig))})
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    """The local production topology: object store, PostgreSQL, MLflow server, Ray head."""
+    from medgpt.stack import format_env
+
+    stack = _stack(args)
+    if args.action == "up":
+        env = stack.up()
+        # Only the export lines go to stdout, so that `eval "$(medgpt stack up)"` works.
+        sys.stdout.write(format_env(env))
+        print(f"medgpt stack: up in {stack.root} (`medgpt stack down` stops it)", file=sys.stderr)
+        return 0
+    if args.action == "env":
+        sys.stdout.write(format_env(stack.env()))
+        return 0
+    if args.action == "down":
+        stack.down()
+        print(f"medgpt stack: stopped everything in {stack.root}", file=sys.stderr)
+        return 0
+    rows = stack.status()
+    for r in rows:
+        state = "running" if r.running else r.detail
+        pid = f"pid {r.pid}" if r.pid else ""
+        print(f"{r.name:<12} {state:<14} {r.url:<40} {pid}")
+    return 0 if all(r.running for r in rows) else 1
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     """The prompt page (Flask) in front of a running Serve app; like ``python web/app.py``.
     Only the web package is imported: no torch, no model."""
@@ -491,6 +524,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--web-port", type=int, default=5000, help="the page's port (%(default)s)")
     d.add_argument("--serve-cpus", type=float, help="CPUs of the replica (serve/config.yaml)")
     d.set_defaults(func=cmd_demo)
+    st = sub.add_parser(
+        "stack",
+        help="run object storage, PostgreSQL, an MLflow server and a Ray head on this machine",
+        description="The cluster setup on one machine, from real parts: SeaweedFS (S3), "
+        "PostgreSQL, `mlflow server` on PostgreSQL with artifacts in the object store, and a Ray "
+        "head with token auth, bound to 127.0.0.1, data under --dir. `up` starts what is not "
+        "running and prints the client environment as export lines "
+        '(eval "$(medgpt stack up)"); `env` prints them again; `status` exits 1 unless every '
+        "component answers; `down` stops every process the stack started.",
+    )
+    st.add_argument("action", choices=["up", "status", "env", "down"])
+    from medgpt.config import add_flags, flags_of
+    from medgpt.stack import StackConfig
+
+    add_flags(st, flags_of(StackConfig))
+    st.set_defaults(func=cmd_stack)
     q = sub.add_parser(
         "quickstart",
         help="run the main job on the embedded defaults (offline ICD-10-CM corpus)",

@@ -7,18 +7,16 @@ Ray itself is imported only inside the functions that query a running cluster.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from medgpt.procs import alive, stop_marked
 from medgpt.testing import free_port
 
 __all__ = [
@@ -77,16 +75,6 @@ def make_temp_dir(label: str = "") -> Path:
     return temp
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def stop_orphaned_clusters() -> None:
     """Stop the test clusters whose session has gone (killed before its teardown ran), and
     remove their temp dirs. Clusters of sessions still running are left alone: two test
@@ -97,7 +85,7 @@ def stop_orphaned_clusters() -> None:
             owner = int((temp / _OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # not ours to judge (or being created right now)
-        if not _alive(owner):
+        if not alive(owner):
             stop_test_clusters(grace_s=5.0, marker=str(temp).encode())
             shutil.rmtree(temp, ignore_errors=True)
 
@@ -141,40 +129,8 @@ def alive_nodes(dashboard: str) -> list[Any]:
     return [n for n in list_nodes(address=dashboard) if n.state == "ALIVE"]
 
 
-def _marked_pids(marker: bytes) -> list[int]:
-    marked, parent = set(), {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        if marker in cmd:
-            marked.add(int(entry.name))
-    # Ray retitles its workers (the marker leaves their command line): take descendants.
-    changed = True
-    while changed:
-        extra = {pid for pid, pp in parent.items() if pp in marked and pid not in marked}
-        changed = bool(extra)
-        marked |= extra
-    return sorted(marked)
-
-
 def stop_test_clusters(grace_s: float = 10.0, marker: bytes = TEMP_PREFIX.encode()) -> None:
     """SIGTERM, then SIGKILL, every process whose command line names a test cluster's temp dir
     (``TEMP_PREFIX``*, or one node's own ``marker``); Ray's workers, raylet, GCS and dashboard
     all carry it."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        pids = _marked_pids(marker)
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pids = _marked_pids(marker)
-        if not pids:
-            return
+    stop_marked(marker, grace_s)
