@@ -17,7 +17,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,15 @@ def finish_run(
             client.log_artifact(run_id, str(png))
     if best_checkpoint and "://" not in best_checkpoint:
         client.log_artifacts(run_id, best_checkpoint, "model/checkpoint")
+    elif best_checkpoint:
+        # In object storage: its serving files pass through here on their way to the artifact
+        # store, so `runs:/ID` and registering work as for a local run.
+        from medgpt import storage
+        from medgpt.checkpoint import SERVING_FILES
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = storage.download_dir(best_checkpoint, Path(tmp) / "c", only=SERVING_FILES)
+            client.log_artifacts(run_id, str(local), "model/checkpoint")
     if summary.get("best_val_loss") is not None:
         client.set_tag(run_id, "best_val_loss", str(summary["best_val_loss"]))
     client.set_terminated(run_id, status=status)
@@ -134,6 +143,7 @@ def finish_run(
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation records and the model registry
+
 
 def mlflow_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
@@ -255,3 +265,154 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging from a training worker that must not wait for (or die with) the tracking server
+
+# A call to an unreachable server fails after one try and this many seconds instead of MLflow's
+# default of 7 retries with exponential backoff (minutes): the logger below does the retrying,
+# off the training thread.
+WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class RunLogger:
+    """Sends a run's metrics and texts to MLflow from a background thread, in order.
+
+    Training never waits for the server: :meth:`metrics` and :meth:`text` only queue. When a
+    send fails (server down, network cut) the thread keeps the record, says so once, and
+    tries again with growing pauses (up to ``max_delay_s``); records queued meanwhile are sent
+    once it answers again. At most ``max_pending`` metric records are held; past that the
+    oldest are dropped and counted. :meth:`close` waits a bounded time for the queue to drain
+    and returns (and prints) how many records were never delivered."""
+
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        max_pending: int = 200_000,
+        max_delay_s: float = 30.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        import collections
+        import threading
+
+        from mlflow.tracking import MlflowClient
+
+        for k, v in WORKER_HTTP_ENV.items():
+            os.environ.setdefault(k, v)
+        self.uri, self.run_id = uri, run_id
+        self.client = MlflowClient(tracking_uri=uri)
+        self._log = log or (lambda msg: print(msg, flush=True))
+        self._pending: collections.deque[tuple[str, Any]] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self.max_pending, self.max_delay_s = max_pending, max_delay_s
+        self.dropped = 0
+        self.sent = 0
+        self.failing_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="medgpt-mlflow", daemon=True)
+        self._thread.start()
+
+    def _metric_count(self) -> int:
+        return sum(len(item) for kind, item in self._pending if kind == "metrics")
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)  # when it was measured, not when it reached the server
+        batch = [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(v)]
+        with self._cond:
+            self._pending.append(("metrics", batch))
+            while self._metric_count() > self.max_pending:
+                kind, item = self._pending.popleft()
+                self.dropped += len(item) if kind == "metrics" else 1
+            self._cond.notify_all()
+
+    def text(self, text: str, path: str) -> None:
+        with self._cond:
+            self._pending.append(("text", (text, path)))
+            self._cond.notify_all()
+
+    def _send(self, kind: str, item: Any) -> None:
+        if kind == "metrics":
+            for i in range(0, len(item), 1000):  # MLflow's cap per batch
+                self.client.log_batch(self.run_id, metrics=item[i : i + 1000])
+        else:
+            self.client.log_text(self.run_id, item[0], item[1])
+
+    def _run(self) -> None:
+        delay = 1.0
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                kind, item = self._pending[0]
+                self._busy = True
+            try:
+                self._send(kind, item)
+            except Exception as e:  # any failure of the client: keep the record, retry later
+                with self._cond:
+                    self._busy = False
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
+                        self._log(
+                            f"medgpt: MLflow at {self.uri} is not answering "
+                            f"({mlflow_message(e)}); training goes on, records are kept and "
+                            "sent when it is back"
+                        )
+                    self._cond.notify_all()
+                    # Pause, but wake up at once for close() so it does not wait out a delay.
+                    self._cond.wait(timeout=delay)
+                    if self._closed and self._close_deadline < time.monotonic():
+                        return
+                delay = min(delay * 2, self.max_delay_s)
+                continue
+            with self._cond:
+                self._pending.popleft()
+                self._busy = False
+                self.sent += len(item) if kind == "metrics" else 1
+                if self.failing_since is not None:
+                    self._log(
+                        f"medgpt: MLflow at {self.uri} is back after "
+                        f"{time.monotonic() - self.failing_since:.0f} s; sending what was kept"
+                    )
+                    self.failing_since = None
+                delay = 1.0
+                self._cond.notify_all()
+
+    _close_deadline = float("inf")
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for everything queued to be sent; True when it was."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(timeout=min(left, 0.5))
+        return True
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Drain for up to ``timeout_s``, stop the thread; returns the records not delivered
+        (dropped ones included), after one warning line when there are any."""
+        with self._cond:
+            self._closed = True
+            self._close_deadline = time.monotonic() + timeout_s
+            self._cond.notify_all()
+        self.flush(timeout_s)
+        self._thread.join(timeout=5)
+        with self._cond:
+            left = self.dropped + sum(
+                len(item) if kind == "metrics" else 1 for kind, item in self._pending
+            )
+        if left:
+            self._log(
+                f"medgpt: warning: {left} MLflow record(s) of run {self.run_id} were not "
+                f"delivered to {self.uri} (server unreachable); the checkpoints are unaffected"
+            )
+        return left
