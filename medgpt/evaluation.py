@@ -598,11 +598,13 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
     """Score, write the report, record it in MLflow, apply the gate, register on PASS.
 
     ``GateReport.passed`` decides the exit status."""
-    from medgpt import registry, tracking
+    from medgpt import preflight, registry, tracking
 
     storage = Path(req.storage_path).resolve()
     # Resolving models:/ and run references reads MLflow even when nothing is to be recorded.
     uri = tracking.tracking_uri_for(str(storage), req.tracking_uri)
+    # Evaluation runs in this process: the checkpoint's storage and the server, from here.
+    preflight.check_local(req.checkpoint if "://" in req.checkpoint else None, uri, write=False)
     cache = storage / "downloads"
     device = resolve_device(req.eval.device)
     data = load_eval_data(req.data, req.split)

@@ -39,7 +39,7 @@ class TrainResult:
     mlflow_run_id: str
     mlflow_tracking_uri: str
     seconds: float
-    result_file: str | None = None  # None when the run lives on remote storage
+    result_file: str | None = None  # a local path or a URI in the run's object storage
 
     def to_dict(self) -> dict[str, Any]:
         """The result file's content."""
@@ -259,16 +259,23 @@ def fit_and_record(
     tracking.finish_run(
         uri, run_id, summary.to_dict(), summary.best_checkpoint, manifest, recipe.to_dict()
     )
+    text = json.dumps(summary.to_dict(), indent=2) + "\n"
     if not _is_uri(job.storage_path):
         out = Path(summary.run_dir) / RESULT_FILE
-        out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        out.write_text(text)
         summary.result_file = str(out)
+    else:
+        # Beside the checkpoints, where `evaluate --checkpoint s3://.../RUN` looks for the best.
+        from medgpt import storage
+
+        summary.result_file = storage.join(summary.run_dir, RESULT_FILE)
+        storage.write_bytes(summary.result_file, text.encode())
     return summary
 
 
 def train(recipe: Recipe) -> TrainResult:
     """Run (or resume) the training run ``recipe.job.name``."""
-    from medgpt import tracking
+    from medgpt import preflight, tracking
 
     recipe = resolve_paths(recipe)
     manifest = validate(recipe)
@@ -276,6 +283,7 @@ def train(recipe: Recipe) -> TrainResult:
     connect_ray(recipe)
     check_capacity(recipe)
     uri = tracking.tracking_uri_for(job.storage_path, job.mlflow_tracking_uri)
+    preflight.check_cluster(job.storage_path, uri, "job.storage_path")
     run_id, resumed = tracking.start_or_resume_run(
         uri,
         job.experiment,

@@ -547,7 +547,7 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> Sweep
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from medgpt import tracking
+    from medgpt import preflight, tracking
     from medgpt.launch import connect_ray, resolve_paths, validate
 
     if register and spec.gate.max_loss is None:
@@ -588,6 +588,8 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> Sweep
     concurrency = plan_concurrency(spec, ray.cluster_resources(), trials)
     search_alg, search_name = _search_algorithm(sweep, spec.space, concurrency)
     uri = tracking.tracking_uri_for(job.storage_path, job.mlflow_tracking_uri)
+    # Tune's state lives in job.storage_path: on several nodes it must be a shared mount.
+    preflight.check_cluster(job.storage_path, uri, "job.storage_path")
     parent_params = {
         "sweep": {k: v for k, v in dataclasses.asdict(sweep).items()},
         "space": {d.key: {d.kind: d.args} for d in spec.space},

@@ -56,6 +56,21 @@ def build_app(
     return MedgptServer.options(**options).bind(data)
 
 
+def _preflight(cfg: ServeConfig) -> None:
+    """Replicas resolve the checkpoint themselves, on whatever node they land: on several
+    nodes it must not be a local folder or a local MLflow store (medgpt.preflight)."""
+    from medgpt import preflight
+    from medgpt.tracking import tracking_uri_for
+
+    uri = tracking_uri_for(str(Path(cfg.storage_path).resolve()), cfg.tracking_uri)
+    registry_ref = cfg.checkpoint.startswith(("models:/", "runs:/"))
+    local = None if registry_ref or "://" in cfg.checkpoint else cfg.checkpoint
+    preflight.check_settings(
+        len(preflight.alive_nodes()), local, uri if registry_ref else None, "checkpoint"
+    )
+    preflight.probe_nodes(None, uri if registry_ref else None)
+
+
 def load_serve_file(
     path: str | Path, overrides: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], ServeConfig]:
@@ -91,6 +106,7 @@ def deploy(
     http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+    _preflight(cfg)
     serve.start(http_options=http)
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     print(f"serving {cfg.checkpoint} at {url}", flush=True)
