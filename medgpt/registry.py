@@ -9,6 +9,9 @@ MLflow itself (clients, the process-wide URIs) is reached through :mod:`medgpt.t
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import re
 import shutil
@@ -16,8 +19,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from medgpt import tracking
-from medgpt.checkpoint import best_in_run, copy_serving_files, is_checkpoint, serving_sha256
+from medgpt import storage, tracking
+from medgpt.checkpoint import (
+    META,
+    RUN_RESULT,
+    SERVING_FILES,
+    WEIGHTS,
+    best_in_run,
+    copy_serving_files,
+    is_checkpoint,
+    serving_sha256,
+)
 from medgpt.errors import CheckpointError
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the folder name a registered version carries
@@ -261,10 +273,54 @@ def _requirements() -> list[str]:
     return out
 
 
+def best_remote(run_uri: str) -> str:
+    """The best checkpoint of a training run folder in object storage: the one its result file
+    names, else the lowest recorded val_loss (then the latest step)."""
+    try:
+        result = json.loads(storage.read_bytes(storage.join(run_uri, RUN_RESULT)))
+        best = result.get("best_checkpoint") if isinstance(result, dict) else None
+        if best and storage.exists(storage.join(best, META)):
+            return str(best)
+    except (FileNotFoundError, ValueError):
+        pass
+    scored = []
+    for name in storage.list_dirs(run_uri):
+        try:
+            meta = json.loads(storage.read_bytes(storage.join(run_uri, name, META)))
+        except (FileNotFoundError, ValueError):
+            continue  # not a checkpoint (or one Ray is still writing)
+        loss = meta.get("val_loss") if isinstance(meta, dict) else None
+        loss = float(loss) if isinstance(loss, (int, float)) else math.inf
+        scored.append((loss, -float(meta.get("step") or 0), storage.join(run_uri, name)))
+    if not scored:
+        raise CheckpointError(f"{run_uri}: neither a medgpt checkpoint nor a run folder with any")
+    return min(scored)[2]
+
+
+def fetch_remote(spec: str, cache_dir: Path) -> Path:
+    """A checkpoint in object storage (its folder, or a run folder: the best of it) as a local
+    folder of its serving files, cached under ``cache_dir`` by URI and refreshed when the stored
+    weights differ in size (a run folder's best can move as training goes on)."""
+    try:
+        ckpt = spec if storage.exists(storage.join(spec, META)) else best_remote(spec)
+        target = cache_dir / "remote" / hashlib.sha256(ckpt.encode()).hexdigest()[:20]
+        if is_checkpoint(target):
+            fs, path = storage.resolve(storage.join(ckpt, WEIGHTS))
+            stored = fs.get_file_info(path).size
+            if stored == (target / WEIGHTS).stat().st_size:
+                return target
+        # The serving files only: the optimizer state is twice the weights and unused here.
+        return storage.download_dir(ckpt, target, only=SERVING_FILES)
+    except storage.StorageError as e:
+        raise CheckpointError(f"{spec}: {e}") from None
+
+
 def resolve_checkpoint(spec: str, uri: str, cache_dir: Path) -> tuple[Path, dict | None]:
     """A local folder for any way of naming a model; see ``medgpt evaluate --help``."""
     if spec.startswith("models:/"):
         return fetch_registered(uri, spec, cache_dir)
+    if storage.is_remote(spec):
+        return fetch_remote(spec, cache_dir), None
     path = Path(spec)
     if path.exists():
         if not path.is_dir():
@@ -276,7 +332,7 @@ def resolve_checkpoint(spec: str, uri: str, cache_dir: Path) -> tuple[Path, dict
         folder, _ = fetch_run_checkpoint(uri, spec, cache_dir)
         return folder, None
     raise CheckpointError(
-        f"no such checkpoint: {spec} (expected a checkpoint folder, a training run folder, a "
-        "Hugging Face GPT-2 folder, an MLflow run id / runs:/ID, or models:/NAME@ALIAS | "
+        f"no such checkpoint: {spec} (expected a checkpoint folder, a training run folder (local "
+        "or s3://, gs://), a Hugging Face GPT-2 folder, an MLflow run id / runs:/ID, or models:/NAME@ALIAS | "
         "models:/NAME/VERSION)"
     )

@@ -13,11 +13,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: list[set[str]] = [
-    {"__init__", "errors", "api", "fsutil", "config", "tokenizer"},
+    {"__init__", "errors", "api", "fsutil", "config", "tokenizer", "storage", "procs"},
     {"kernels", "kv_cache", "model", "hf", "quantize", "data"},
     {"checkpoint", "generation", "plots"},
     {"tracking", "registry", "mlflow_model"},
-    {"training", "launch", "evaluation", "tuning", "serving", "demo"},
+    {"training", "launch", "evaluation", "tuning", "serving", "demo", "preflight", "stack"},
     {"cli", "jobs", "web"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
