@@ -8,6 +8,7 @@ value of the wrong type is reported the same way everywhere: naming the key and 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -225,8 +226,67 @@ def given_flags(args: Any, flags: Iterable[Flag]) -> list[Override]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe; a missing file or YAML syntax error becomes a ConfigError."""
+# ``${VAR}``, ``${VAR:-default}`` and ``$$``; a ``${`` that is neither is a mistake worth naming.
+_ENV_REF = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}|\{[^}]*\}?)")
+ENV_FORMS = "${VAR}, ${VAR:-default}, $$ for a literal $"
+
+
+def _expand_text(text: str, where: str, env: Mapping[str, str]) -> str:
+    def one(m: re.Match[str]) -> str:
+        whole, name, default = m.group(0), m.group(1), m.group(2)
+        if whole == "$$":
+            return "$"
+        if name is None:
+            raise ConfigError(f"{where}: bad variable reference {whole!r} (allowed: {ENV_FORMS})")
+        value = env.get(name)
+        if default is not None:
+            return value if value else default[2:]
+        if value is None:
+            raise ConfigError(
+                f"{where}: environment variable {name} is not set (set it in the "
+                f"environment, or give the value a default: ${{{name}:-default}})"
+            )
+        return value
+
+    return _ENV_REF.sub(one, text)
+
+
+def expand_env(
+    data: Any,
+    where: str = "",
+    env: Mapping[str, str] | None = None,
+    skip: Iterable[str] = (),
+) -> Any:
+    """``data`` with environment variables expanded in every string value (never in keys):
+    ``${VAR}`` (an error naming ``where``, the key and the variable when it is unset),
+    ``${VAR:-default}`` (the default when unset or empty) and ``$$`` for a literal ``$``; a
+    bare ``$x`` stays as written. A value stays text after expansion, and values of other
+    types are returned as they are. Values at the dotted keys in ``skip`` (ones a flag or an
+    override replaces anyway) are left as written, so their variables need not be set."""
+    env = os.environ if env is None else env
+    skipped = set(skip)
+
+    def walk(node: Any, key: str) -> Any:
+        if key in skipped:
+            return node
+        if isinstance(node, str):
+            return _expand_text(node, f"{where}: {key}" if where and key else where or key, env)
+        if isinstance(node, Mapping):
+            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    return walk(data, "")
+
+
+def load_yaml(path: str | Path, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """Read a YAML recipe; a missing file or YAML syntax error becomes a ConfigError.
+
+    Environment variables in its string values are expanded (:func:`expand_env`), so one
+    recipe serves a laptop and a cluster: ``storage_path: ${MEDGPT_STORAGE:-runs}``. ``skip``:
+    dotted keys the caller replaces (``job.storage_path`` when ``--storage`` is given), whose
+    values are returned unexpanded."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -238,7 +298,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return expand_env(data, str(p), skip=skip)
 
 
 def _require(cond: bool, msg: str) -> None:

@@ -264,6 +264,121 @@ def test_load_yaml_empty(tmp_path: Path, text: str) -> None:
     assert load_yaml(p) == {}
 
 
+# --- environment variables in recipes ------------------------------------------------------
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_load_yaml_expands_set_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDGPT_T_STORE", "s3://bucket/runs")
+    monkeypatch.setenv("MEDGPT_T_NAME", "run-7")
+    p = _yaml(tmp_path, "job:\n  storage_path: ${MEDGPT_T_STORE}\n  name: a-${MEDGPT_T_NAME}-b\n")
+    assert load_yaml(p) == {"job": {"storage_path": "s3://bucket/runs", "name": "a-run-7-b"}}
+    # A set variable wins over the default.
+    p = _yaml(tmp_path, "job:\n  storage_path: ${MEDGPT_T_STORE:-runs}\n")
+    assert load_yaml(p)["job"]["storage_path"] == "s3://bucket/runs"
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_load_yaml_default_when_unset_or_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    if value is None:
+        monkeypatch.delenv("MEDGPT_T_STORE", raising=False)
+    else:
+        monkeypatch.setenv("MEDGPT_T_STORE", value)
+    p = _yaml(tmp_path, "job:\n  storage_path: ${MEDGPT_T_STORE:-runs}\n  x: ${MEDGPT_T_STORE:-}\n")
+    assert load_yaml(p) == {"job": {"storage_path": "runs", "x": ""}}
+
+
+def test_load_yaml_unset_variable_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MEDGPT_T_STORE", raising=False)
+    p = _yaml(tmp_path, "job:\n  storage_path: ${MEDGPT_T_STORE}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_yaml(p)
+    msg = str(exc.value)
+    assert str(p) in msg and "job.storage_path" in msg and "MEDGPT_T_STORE" in msg
+    assert "not set" in msg and "${MEDGPT_T_STORE:-default}" in msg
+    assert "\n" not in msg
+    # A key the caller replaces anyway (a --storage flag) is not expanded, so need not be set.
+    assert load_yaml(p, skip=["job.storage_path"]) == {"job": {"storage_path": "${MEDGPT_T_STORE}"}}
+    # Set but empty is a value (as in the shell): only the :- form replaces it.
+    monkeypatch.setenv("MEDGPT_T_STORE", "")
+    assert load_yaml(p) == {"job": {"storage_path": ""}}
+
+
+def test_load_yaml_dollar_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDGPT_T_X", "ex")
+    p = _yaml(
+        tmp_path,
+        "a: price $$5\n"  # $$ is one literal $
+        "b: $${MEDGPT_T_X}\n"  # ... so this is the text ${MEDGPT_T_X}, not a reference
+        "c: $MEDGPT_T_X and $ alone\n"  # only the braced form is expanded
+        "d: $$$${MEDGPT_T_X}\n",
+    )
+    assert load_yaml(p) == {
+        "a": "price $5",
+        "b": "${MEDGPT_T_X}",
+        "c": "$MEDGPT_T_X and $ alone",
+        "d": "$${MEDGPT_T_X}",
+    }
+
+
+@pytest.mark.parametrize("ref", ["${MEDGPT_T_X-d}", "${1X}", "${}", "${MEDGPT_T_X", "${A B}"])
+def test_load_yaml_bad_reference(tmp_path: Path, ref: str) -> None:
+    p = _yaml(tmp_path, f"train:\n  data_dir: 'x{ref}'\n")
+    with pytest.raises(ConfigError) as exc:
+        load_yaml(p)
+    msg = str(exc.value)
+    assert str(p) in msg and "train.data_dir" in msg and "bad variable reference" in msg
+    assert "${VAR:-default}" in msg  # what is allowed
+
+
+def test_load_yaml_expands_nested_values_not_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEDGPT_T_X", "ex")
+    monkeypatch.delenv("MEDGPT_T_UNSET", raising=False)
+    p = _yaml(
+        tmp_path,
+        "applications:\n"
+        "  - name: ${MEDGPT_T_X}\n"
+        "    args: {storage_path: '${MEDGPT_T_UNSET:-runs}', prompts: [a, '${MEDGPT_T_X}', [x]]}\n"
+        "${MEDGPT_T_X}: key stays\n",
+    )
+    assert load_yaml(p) == {
+        "applications": [
+            {"name": "ex", "args": {"storage_path": "runs", "prompts": ["a", "ex", ["x"]]}}
+        ],
+        "${MEDGPT_T_X}": "key stays",
+    }
+    # The key path of a nested unset variable names list positions.
+    p = _yaml(tmp_path, "applications:\n  - args: {sample: [ok, '${MEDGPT_T_UNSET}']}\n")
+    with pytest.raises(
+        ConfigError, match=r"applications\[0\]\.args\.sample\[1\]: .*MEDGPT_T_UNSET"
+    ):
+        load_yaml(p)
+
+
+def test_load_yaml_leaves_other_values_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MEDGPT_T_UNSET", raising=False)
+    p = _yaml(tmp_path, "model:\n  n_layer: 2\n  dropout: 0.1\n  bias: false\njob:\n  uri: null\n")
+    data = load_yaml(p)
+    assert data == {"model": {"n_layer": 2, "dropout": 0.1, "bias": False}, "job": {"uri": None}}
+    assert type(data["model"]["n_layer"]) is int and data["model"]["bias"] is False
+    # An expanded value stays text; the dataclasses decide what it must be.
+    p = _yaml(tmp_path, "train:\n  lr: ${MEDGPT_T_UNSET:-3e-4}\n")
+    assert load_yaml(p) == {"train": {"lr": "3e-4"}}
+
+
 # --- overrides: the one KEY.PATH=VALUE parser ---------------------------------------------------
 
 
