@@ -236,8 +236,149 @@ def test_project_is_mounted_and_installed(path: Path) -> None:
     repo_targets = [remote for remote, local in mounts.items() if local in (".", "./")]
     assert repo_targets, "the repository is not in file_mounts"
     setup = " ".join(config["setup_commands"])
-    assert any(f"pip install --quiet -e {t}" in setup or f"-e {t}" in setup for t in repo_targets)
+    # Installed with the cluster extra (boto3, psycopg, ...): `-e "$HOME/medgpt[cluster]"`.
+    installs = re.findall(r"pip install [^&;]*?-e \"?(\S+?)\[cluster\]\"?(?:\s|$)", setup)
+    assert installs, "the project is not installed with its cluster extra"
+    assert {i.replace("$HOME/", "~/") for i in installs} <= set(repo_targets), installs
     assert re.search(r"torch==\d", setup), "torch is not pinned"
     excluded = set(config["rsync_exclude"])
     for entry in (".venv", "/runs", "/data", ".git"):
         assert entry in excluded, f"rsync_exclude lacks {entry}"
+
+
+# --- storage and tracking: object storage, MLflow on PostgreSQL, nothing on the shared disk ------
+
+OBJECT_SCHEME = {"aws": "s3://", "gcp": "gs://"}
+MLFLOW_PORT = 5001
+
+
+def _scheme(config: dict[str, Any]) -> str:
+    return OBJECT_SCHEME[config["provider"]["type"]]
+
+
+def _all_commands(config: dict[str, Any]) -> list[str]:
+    keys = [k for k in config if k.endswith("_commands")]
+    return [c for k in keys for c in config[k] or []]
+
+
+def node_env(config: dict[str, Any]) -> dict[str, str]:
+    """The variables the common setup writes into ~/medgpt.env (every node sources it)."""
+    writes = [c for c in config["setup_commands"] if re.search(r"(?<!>)> ~/medgpt\.env", c)]
+    assert len(writes) == 1, f"expected one command that writes ~/medgpt.env, found {len(writes)}"
+    return dict(re.findall(r"'export ([A-Z_][A-Z0-9_]*)=([^']*)'", writes[0]))
+
+
+def mlflow_server(config: dict[str, Any]) -> str:
+    found = [c for c in config["head_start_ray_commands"] if re.search(r"mlflow\"? server\b", c)]
+    assert len(found) == 1, f"expected one `mlflow server` command on the head, found {len(found)}"
+    return found[0]
+
+
+def _option(command: str, name: str) -> str:
+    m = re.search(rf"{name}[= ](\"[^\"]*\"|\S+)", command)
+    assert m, f"{name} not given"
+    return m.group(1).strip('"')
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[1].split("/", 1)[0]
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=_ids)
+def test_mlflow_on_postgresql_with_artifacts_in_the_bucket(path: Path) -> None:
+    config = load(path)
+    server = mlflow_server(config)
+    store = _option(server, "--backend-store-uri")
+    assert store.startswith("postgresql+psycopg://"), f"backend store: {store}"
+    # The password comes from ~/.pgpass (PGPASSFILE), never the URI: user@host, no user:pass@.
+    assert not re.match(r"postgresql\+psycopg://[^@/]*:[^@/]*@", store), "password in the URI"
+    artifacts = _option(server, "--artifacts-destination")
+    assert artifacts.startswith(_scheme(config)), f"artifacts: {artifacts}"
+    storage = node_env(config)["MEDGPT_STORAGE"]
+    assert _bucket(artifacts) == _bucket(storage), "MLflow artifacts and runs in different buckets"
+    assert _option(server, "--port") == str(MLFLOW_PORT)
+    assert _option(server, "--host") == "$MEDGPT_HEAD_IP", "MLflow must bind the private address"
+    assert "PGPASSFILE=" in server
+    head_setup = " ".join(config["head_setup_commands"])
+    assert "umask 077" in head_setup and "~/.pgpass" in head_setup, "no private ~/.pgpass"
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=_ids)
+def test_no_database_on_the_shared_disk(path: Path) -> None:
+    config = load(path)
+    commands = _all_commands(config)
+    text = "\n".join(commands)
+    assert "sqlite" not in text, "an sqlite store: one node's file, not a cluster's database"
+    assert not re.search(r"/mnt/shared/mlflow|mlflow\.db", text), "MLflow data on NFS"
+    # The MLflow service runs outside the mount; the mount is for datasets only.
+    server = mlflow_server(config)
+    workdir = re.search(r"WorkingDirectory=\"?([^\"\s]+)", server)
+    assert workdir and not workdir.group(1).startswith("/mnt"), workdir
+    for c in commands:
+        if re.search(r"\bmount -t nfs", c):
+            mount_point = re.findall(r"(\S+:\S*)\s+(/\S+)", c)
+            assert all(mp == "/mnt/shared" for _, mp in mount_point), mount_point
+    mkdirs = " ".join(re.findall(r"mkdir -p ([^&;]+)", text))
+    assert "/mnt/shared/" not in mkdirs.replace("/mnt/shared/data", ""), mkdirs
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=_ids)
+def test_storage_and_tracking_on_every_node(path: Path) -> None:
+    config = load(path)
+    env = node_env(config)
+    storage = env.get("MEDGPT_STORAGE", "")
+    assert re.fullmatch(rf"{_scheme(config)}[a-z0-9.\-_A-Z]+/runs", storage), storage
+    # Both start commands source the file before `ray start`, so the raylet and with it every
+    # Ray worker (Train, Tune, Serve) inherit MEDGPT_STORAGE and MLFLOW_TRACKING_URI.
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = ray_start(config[key], key)
+        assert start.index("source ~/medgpt.env") < start.index("ray start"), key
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        lines = [c for c in config[key] if "MLFLOW_TRACKING_URI" in c]
+        assert len(lines) == 1, f"{key}: MLFLOW_TRACKING_URI is not exported"
+        assert f'MLFLOW_TRACKING_URI="http://$MEDGPT_HEAD_IP:{MLFLOW_PORT}"' in lines[0], lines[0]
+        assert ">> ~/medgpt.env" in lines[0], key
+    # The setup commands run before the head/worker ones, which append to the file it wrote.
+    assert "MEDGPT_HEAD_IP" in " ".join(config["worker_setup_commands"])
+
+
+SECRETS = [
+    r"AWS_ACCESS_KEY_ID",
+    r"AWS_SECRET_ACCESS_KEY",
+    r"AWS_SESSION_TOKEN",
+    r"\bAKIA[0-9A-Z]{16}\b",  # an AWS access key id
+    r"GOOGLE_APPLICATION_CREDENTIALS",
+    r"BEGIN [A-Z ]*PRIVATE KEY",
+    r"\"private_key\"",  # a service-account key file pasted in
+    r"PGPASSWORD",
+    r"MLFLOW_TRACKING_PASSWORD",
+    r"postgres(?:ql)?(?:\+\w+)?://[^@\s/\"]*:[^@\s/\"]*@",  # user:password@ in a database URI
+]
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=_ids)
+def test_no_credentials_in_the_file(path: Path) -> None:
+    """Instance profiles / service accounts give the nodes their rights; the database password
+    is fetched on the head from SSM / Secret Manager."""
+    text = path.read_text()
+    for pattern in SECRETS:
+        assert not re.search(pattern, text), f"{path.name}: matches {pattern}"
+
+
+@pytest.mark.parametrize("pattern", SECRETS)
+def test_credential_patterns_catch_what_they_name(pattern: str) -> None:
+    samples = {
+        "AWS_ACCESS_KEY_ID": "export AWS_ACCESS_KEY_ID=x",
+        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY: y",
+        "AWS_SESSION_TOKEN": "AWS_SESSION_TOKEN=z",
+        "AKIA": "key AKIAABCDEFGHIJKLMNOP here",
+        "GOOGLE_APPLICATION": "GOOGLE_APPLICATION_CREDENTIALS=/k.json",
+        "PRIVATE KEY": "-----BEGIN RSA PRIVATE KEY-----",
+        "private_key": '{"private_key": "..."}',
+        "PGPASSWORD": "PGPASSWORD=secret",
+        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD=p",
+        "postgres": "--backend-store-uri postgresql+psycopg://mlflow:hunter2@db:5432/mlflow",
+    }
+    sample = next(v for k, v in samples.items() if k in pattern)
+    assert re.search(pattern, sample)
+    assert not re.search(pattern, "postgresql+psycopg://mlflow@db:5432/mlflow?sslmode=require")
