@@ -87,6 +87,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The driver's storage and tracking settings go to the job's workers (as `ray job submit
+# --runtime-env-json` would carry them): a cluster whose nodes get credentials from instance roles
+# needs none of these, but a driver pointed at an S3-compatible endpoint or a tracking server by
+# its environment (`eval "$(medgpt stack up)"`) runs the same on a cluster started without them.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_S3_ENDPOINT_URL",
+    "MEDGPT_STORAGE_ATTEMPTS", "MEDGPT_STORAGE_RETRY_S",
+)  # fmt: skip
+
+
+def job_env() -> dict[str, str]:
+    """The variables of FORWARDED_ENV this driver has."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
 def connect_ray(recipe: Recipe) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start one here.
 
@@ -101,11 +119,13 @@ def connect_ray(recipe: Recipe) -> None:
     if ray.is_initialized():
         return
     api = os.environ.get("RAY_API_SERVER_ADDRESS")
+    forwarded = job_env()
     if os.environ.get("RAY_ADDRESS"):
+        env = {**forwarded, **({"RAY_API_SERVER_ADDRESS": api} if api else {})}
         ray.init(
             address=os.environ["RAY_ADDRESS"],
             log_to_driver=True,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None,
+            runtime_env={"env_vars": env} if env else None,
         )
         return
     # Fail instead of waiting forever when the worker group cannot be placed.
@@ -117,7 +137,9 @@ def connect_ray(recipe: Recipe) -> None:
         include_dashboard=True,
         dashboard_port=port,
         log_to_driver=True,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        runtime_env={
+            "env_vars": {**forwarded, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        },
     )
 
 

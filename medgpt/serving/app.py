@@ -105,7 +105,13 @@ def deploy(
     http = dict(app_cfg["http_options"])
     http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+        from medgpt.launch import job_env
+
+        # Replicas read s3:// checkpoints and the tracking server with the driver's settings.
+        env = job_env()
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env} if env else None
+        )
     _preflight(cfg)
     serve.start(http_options=http)
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
