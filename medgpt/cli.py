@@ -181,10 +181,10 @@ def _tune_flags() -> list[Any]:
 
 
 def _load_recipe(args: argparse.Namespace) -> Any:
-    from medgpt.config import Recipe, apply_overrides, given_flags, load_yaml
+    from medgpt.config import Recipe, apply_overrides, given_flags, load_yaml, parse_override
 
     # Flags after --set: a flag given wins over a --set of the same key.
-    overrides = [*(args.set or []), *given_flags(args, _train_flags())]
+    overrides = [*map(parse_override, args.set or []), *given_flags(args, _train_flags())]
     # A value replaced here needs no environment variable its recipe names (--storage for a
     # recipe whose storage_path is ${MEDGPT_STORAGE}).
     skip = [o.key for o in overrides]
