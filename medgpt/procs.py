@@ -30,9 +30,17 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+# Put into the environment of a service's start command (with the marker as its value): the
+# processes it forks keep it even when their command line does not show the marker (Ray's client
+# server, which outlives `ray start` as a child of init).
+MARKER_ENV = "MEDGPT_PROCESS_MARKER"
+
+
 def marked_pids(marker: bytes) -> list[int]:
-    """The processes whose command line contains ``marker``, and their descendants."""
+    """The processes whose command line contains ``marker`` or whose MARKER_ENV starts with
+    it, and their descendants."""
     marked, parent = set(), {}
+    tagged = MARKER_ENV.encode() + b"=" + marker
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -43,6 +51,13 @@ def marked_pids(marker: bytes) -> list[int]:
             continue
         parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
         if marker in cmd:
+            marked.add(int(entry.name))
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # another user's process
+            continue
+        if any(var.startswith(tagged) for var in environ.split(b"\0")):
             marked.add(int(entry.name))
     # Ray retitles its workers (the marker leaves their command line): take descendants.
     changed = True

@@ -73,6 +73,7 @@ class StackConfig:
     ray: bool = option(True, flag="--no-ray", help="leave Ray out (you run a cluster of your own)")
     ray_port: int = option(6379, flag="--ray-port", help="Ray head (GCS) port")
     ray_dashboard_port: int = option(8265, flag="--ray-dashboard-port", help="Ray dashboard port")
+    ray_client_port: int = option(10001, flag="--ray-client-port", help="Ray client server port")
     ray_cpus: int | None = None  # default: every CPU of this machine
 
     def __post_init__(self) -> None:
@@ -138,6 +139,13 @@ def _bin_dir() -> Path:
 
 
 def _find(name: str, hint: str, extra: list[str] | None = None) -> str:
+    """The executable ``name``: $MEDGPT_<NAME>_BIN when set, else the venv's, ``extra`` or
+    PATH's; a StackError saying how to get it otherwise."""
+    var = f"MEDGPT_{name.upper()}_BIN"
+    if os.environ.get(var):
+        if os.access(os.environ[var], os.X_OK) and Path(os.environ[var]).is_file():
+            return os.environ[var]
+        raise StackError(f"{name}: {var}={os.environ[var]} is not an executable file ({hint})")
     for cand in [str(_bin_dir() / name), *(extra or [])]:
         if os.access(cand, os.X_OK):
             return cand
@@ -361,7 +369,8 @@ class Stack:
             return [("postgres_port", c.postgres_port)]
         if name == "mlflow":
             return [("mlflow_port", c.mlflow_port)]
-        return [("ray_port", c.ray_port), ("ray_dashboard_port", c.ray_dashboard_port)]
+        return [("ray_port", c.ray_port), ("ray_dashboard_port", c.ray_dashboard_port),
+                ("ray_client_port", c.ray_client_port)]  # fmt: skip
 
     def _check_ports(self, name: str) -> None:
         for key, port in self._ports(name):
@@ -404,6 +413,9 @@ class Stack:
             # Volumes are made on demand; the default cap (8) runs out once a second bucket
             # exists ("No writable volumes"), and 1 GB volumes suit checkpoints.
             "-volume.max=0", "-master.volumeSizeLimitMB=1024",
+            # Its Iceberg and Lance catalogs listen on fixed ports (8181, 9101) by default: a
+            # second stack on the host would die on them. Neither is used here.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ])  # fmt: skip
         _wait(self._s3_ok, 90, "SeaweedFS S3", self._log("objectstore"))
         s3 = self._s3()
@@ -497,11 +509,13 @@ class Stack:
     def _start_mlflow(self) -> None:
         c = self.config
         mlflow = _find("mlflow", "pip install medgpt (it depends on mlflow)")
+        # The database URI (it holds the password) goes in the environment, not on the command
+        # line every user of the machine can read in `ps`.
         self._spawn("mlflow", [
-            mlflow, "server", "--backend-store-uri", self.postgres_uri,
-            "--artifacts-destination", f"s3://{c.bucket}/mlflow-artifacts",
+            mlflow, "server", "--artifacts-destination", f"s3://{c.bucket}/mlflow-artifacts",
             "--host", c.host, "--port", str(c.mlflow_port), "--workers", "1",
-        ], env={**self.aws_env(), "MLFLOW_S3_ENDPOINT_URL": self.s3_url})  # fmt: skip
+        ], env={**self.aws_env(), "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+                "MLFLOW_BACKEND_STORE_URI": self.postgres_uri})  # fmt: skip
         _wait(lambda: _http_ok(f"{self.mlflow_url}/health"), 120, "MLflow server",
               self._log("mlflow"))  # fmt: skip
 
@@ -522,16 +536,22 @@ class Stack:
         token.chmod(0o600)
         # The head's raylet hands its environment to every worker: the object store's
         # endpoint and keys reach them as instance credentials would on a cloud cluster.
-        env = {**self.aws_env(), **self.ray_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**self.aws_env(), **self.ray_env(), "RAY_USAGE_STATS_ENABLED": "0",
+               procs.MARKER_ENV: self._ray_temp()}  # fmt: skip
         args = [ray, "start", "--head", f"--port={c.ray_port}", f"--node-ip-address={c.host}",
                 f"--temp-dir={self._ray_temp()}", "--include-dashboard=true",
                 f"--dashboard-host={c.host}", f"--dashboard-port={c.ray_dashboard_port}",
+                f"--ray-client-server-port={c.ray_client_port}",
                 "--disable-usage-stats"]  # fmt: skip
         if c.ray_cpus is not None:
             args.append(f"--num-cpus={c.ray_cpus}")
+        # A caller's own Ray settings (a token of another cluster wins over the token file)
+        # must not leak into the head.
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}  # fmt: skip
         with open(self._log("ray"), "ab") as log:
             out = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                 env={**os.environ, **env}, timeout=180)  # fmt: skip
+                                 env={**inherited, **env}, timeout=180)  # fmt: skip
         if out.returncode != 0:
             raise StackError(f"ray: `ray start --head` failed (log {self._log('ray')})")
         self.state.setdefault("pids", {})["ray"] = None
