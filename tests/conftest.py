@@ -23,6 +23,10 @@ from medgpt.testing.ray_cluster import (
 # connection would fail. So the token settings are exported as soon as pytest loads this file,
 # before it imports any test module.
 _AUTH_ENV = export_auth_env()
+# A shell after `eval "$(medgpt stack up)"` would send every test's runs and records to that
+# stack: tests that want a stack ask for the `stack_env` fixture.
+for _var in ("MEDGPT_STORAGE", "MEDGPT_SHARED_STORAGE", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_var, None)
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +57,64 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     shutil.rmtree(temp_dir, ignore_errors=True)
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *env):
         os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="session")
+def cluster_stack() -> Any:
+    """The production topology's services (medgpt.stack, without its Ray head: the tests have
+    their own cluster): SeaweedFS, PostgreSQL and an MLflow server on it, on free ports, once
+    per session. Yields the Stack; ``stack.env()`` is what a client needs."""
+    from medgpt.stack import Stack, StackError
+    from medgpt.testing.stack import stack_config, stack_dir
+
+    root = stack_dir()
+    stack = Stack(stack_config(root))
+    try:
+        stack.up()
+    except StackError as e:
+        stack.down()
+        pytest.fail(str(e))
+    yield stack
+    stack.down()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def stack_env(cluster_stack, monkeypatch) -> dict[str, str]:
+    """The stack's client environment in this process (and so in drivers it starts): the S3
+    endpoint and keys, MLFLOW_TRACKING_URI and MEDGPT_STORAGE."""
+    env = cluster_stack.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def second_node(ray_cluster, tmp_path_factory, monkeypatch):
+    """A 1-CPU raylet joined to the session cluster, as another machine would be: its workers
+    run with their own working directory and TMPDIR. The two nodes share no storage a run may
+    rely on, so the fixture does not set MEDGPT_SHARED_STORAGE; a test whose storage is a local
+    folder both see sets it. Removed (SIGKILL) by calling the fixture's value, or at the end."""
+    from medgpt.testing import wait_for
+    from medgpt.testing.ray_cluster import alive_nodes, join_node
+
+    before = len(alive_nodes(ray_cluster["dashboard"]))
+    temp = make_temp_dir("node2-")
+    home = temp / "home"
+    (home / "tmp").mkdir(parents=True)
+    join_node(ray_cluster["address"], temp, num_cpus=1, cwd=home, env={"TMPDIR": str(home / "tmp")})
+    wait_for(
+        lambda: len(alive_nodes(ray_cluster["dashboard"])) == before + 1, 60, "the second node"
+    )
+
+    def remove() -> None:
+        stop_test_clusters(grace_s=0.0, marker=str(temp).encode())
+
+    remove.home = home  # type: ignore[attr-defined]
+    yield remove
+    remove()
+    shutil.rmtree(temp, ignore_errors=True)
+    wait_for(lambda: len(alive_nodes(ray_cluster["dashboard"])) == before, 90, "node 2 gone")
 
 
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")

@@ -1,12 +1,13 @@
 """Training across two Ray nodes on this machine: the session's head plus a second raylet
-(`ray start --address`, its own temp dir and ports), one worker per node, checkpoints on a
-storage path both nodes see, and the second node removed mid-run."""
+(`ray start --address`, its own temp dir, ports, working directory and TMPDIR), one worker per
+node, checkpoints on a folder both nodes see (declared a shared mount, MEDGPT_SHARED_STORAGE=1),
+tracking on the MLflow server, and the second node removed mid-run. tests/test_cluster.py runs
+the same with no shared folder at all."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -16,30 +17,9 @@ from medgpt.config import Recipe
 from medgpt.errors import ConfigError
 from medgpt.launch import train
 from medgpt.testing import wait_for
-from medgpt.testing.ray_cluster import alive_nodes, join_node, make_temp_dir, stop_test_clusters
 from medgpt.testing.training import LONG, registered_steps, start_driver, tiny_recipe
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def second_node(ray_cluster):
-    """A 1-CPU raylet joined to the session cluster; removed (SIGKILL) by the test or at the
-    end. Its temp dir marks its processes, so removing it touches nothing else."""
-    before = len(alive_nodes(ray_cluster["dashboard"]))
-    temp = make_temp_dir("node2-")
-    join_node(ray_cluster["address"], temp, num_cpus=1)
-    wait_for(
-        lambda: len(alive_nodes(ray_cluster["dashboard"])) == before + 1, 60, "the second node"
-    )
-
-    def remove() -> None:
-        stop_test_clusters(grace_s=0.0, marker=str(temp).encode())
-
-    yield remove
-    remove()
-    shutil.rmtree(temp, ignore_errors=True)
-    wait_for(lambda: len(alive_nodes(ray_cluster["dashboard"])) == before, 90, "node 2 gone")
 
 
 def _worker_nodes(dashboard: str) -> set[str]:
@@ -51,6 +31,13 @@ def _worker_nodes(dashboard: str) -> set[str]:
         detail=True,
     )
     return {w.node_id for w in workers}
+
+
+@pytest.fixture
+def shared_folder(stack_env, monkeypatch) -> None:
+    """tmp_path is one folder for both nodes here, as an NFS mount would be on a cluster; the
+    records go to the tracking server (a sqlite file is refused on two nodes)."""
+    monkeypatch.setenv("MEDGPT_SHARED_STORAGE", "1")
 
 
 def _lose_node_mid_run(
@@ -93,7 +80,7 @@ def test_strict_spread_needs_as_many_nodes_as_workers(ray_cluster, icd_data, tmp
 
 
 def test_run_survives_losing_a_node_when_it_can_regroup(
-    ray_cluster, icd_data, tmp_path, second_node
+    ray_cluster, icd_data, tmp_path, second_node, shared_folder
 ) -> None:
     """SPREAD: one worker per node while both are there; when node 2 dies, the group restarts
     from the last checkpoint with both workers on the head, and the run finishes."""
@@ -108,7 +95,7 @@ def test_run_survives_losing_a_node_when_it_can_regroup(
 
 
 def test_run_fails_clearly_when_it_cannot_place_its_workers(
-    ray_cluster, icd_data, tmp_path, second_node
+    ray_cluster, icd_data, tmp_path, second_node, shared_folder
 ) -> None:
     """STRICT_SPREAD: after node 2 dies, two workers cannot be placed one per node; the run
     stops with an error naming the placement (not a hang), and its checkpoints stay."""

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from medgpt.procs import alive, stop_marked
+from medgpt.procs import MARKER_ENV, alive, stop_marked
 from medgpt.testing import free_port
 
 __all__ = [
@@ -90,9 +90,11 @@ def stop_orphaned_clusters() -> None:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def _run_ray_start(args: list[str]) -> None:
+def _run_ray_start(
+    args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> None:
     proc = subprocess.run([str(RAY_BIN), "start", *args], capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
+                          timeout=180, cwd=cwd, env={**os.environ, **(env or {})})  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"ray start {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
 
@@ -100,24 +102,31 @@ def _run_ray_start(args: list[str]) -> None:
 def start_head(temp_dir: Path | str, num_cpus: int = 2) -> dict[str, str]:
     """``ray start --head`` on free ports with the dashboard on (placement-group cleanup needs
     the State API, FIELD-NOTES); returns its ``address`` and ``dashboard`` URL."""
-    port, dash, agent = free_port(), free_port(), free_port()
+    port, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     _run_ray_start([
         "--head", f"--port={port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats",
-    ])  # fmt: skip
+        f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+        "--disable-usage-stats",
+    ], env={MARKER_ENV: str(temp_dir)})  # fmt: skip
     return {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
 
 
-def join_node(address: str, temp_dir: Path | str, num_cpus: int = 1) -> None:
+def join_node(
+    address: str,
+    temp_dir: Path | str,
+    num_cpus: int = 1,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
     """A further raylet joined to ``address``; every port its own, since the head's defaults
-    are taken on this host."""
+    are taken on this host. Its processes (and workers) start in ``cwd`` with ``env`` added."""
     ports = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
              "metrics-export", "runtime-env-agent")  # fmt: skip
     _run_ray_start([
         f"--address={address}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
         *(f"--{name}-port={free_port()}" for name in ports), "--disable-usage-stats",
-    ])  # fmt: skip
+    ], cwd=cwd, env={**(env or {}), MARKER_ENV: str(temp_dir)})  # fmt: skip
 
 
 def alive_nodes(dashboard: str) -> list[Any]:

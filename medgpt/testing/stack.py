@@ -1,0 +1,63 @@
+"""The cluster stack (medgpt.stack) for tests and benchmarks: free ports for every component,
+a folder the `postgres` user can reach, and a client environment with nothing of the caller's
+own Ray, MLflow or AWS settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from medgpt.stack import WEED_GRPC_OFFSET, StackConfig
+
+__all__ = ["client_env", "stack_config", "stack_dir"]
+
+_CLIENT_PREFIXES = ("RAY_", "MLFLOW_", "AWS_", "MEDGPT_STORAGE")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_pair(taken: set[int]) -> int:
+    """A free port p below 55535 whose p + WEED_GRPC_OFFSET is free too (SeaweedFS binds it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        grpc = p + WEED_GRPC_OFFSET
+        if p <= 55535 and not {p, grpc} & taken and _free(grpc):
+            taken.update({p, grpc})
+            return p
+
+
+def stack_dir(label: str = "stack") -> Path:
+    """A new folder under /tmp (pytest's own tmp folders are closed to other users, and
+    PostgreSQL runs as `postgres` when the tests run as root)."""
+    return Path(tempfile.mkdtemp(prefix=f"medgpt-{label}-", dir="/tmp"))
+
+
+def stack_config(root: Path, ray: bool = False, **changes: Any) -> StackConfig:
+    """A StackConfig in ``root`` with every port free right now."""
+    taken: set[int] = set()
+    ports = {
+        k: _free_pair(taken)
+        for k in ("s3_port", "weed_master_port", "weed_volume_port", "weed_filer_port")
+    }
+    for k in ("postgres_port", "mlflow_port", "ray_port", "ray_dashboard_port", "ray_client_port"):
+        ports[k] = _free_pair(taken)
+    return StackConfig(dir=str(root), ray=ray, **{**ports, **changes})
+
+
+def client_env(env: dict[str, str], base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default os.environ) without its Ray, MLflow and AWS settings, plus ``env``."""
+    base = dict(os.environ if base is None else base)
+    out = {k: v for k, v in base.items() if not k.startswith(_CLIENT_PREFIXES)}
+    return {**out, **env}
