@@ -280,7 +280,10 @@ def _checked_upload(checkpoint: Any, dir_name: str) -> Any:
     from medgpt import storage
 
     store = ray.train.get_context().get_storage()
-    fs = store.storage_filesystem
+    # Uploads go through a filesystem like Ray's (made from the storage URI and the environment:
+    # launch passes no storage_filesystem) but with bounded memory (storage.streaming); the
+    # checkpoint is reported on Ray's own, which Ray checks it against.
+    fs = storage.streaming(store.storage_filesystem)
     dest = store.build_checkpoint_path_from_name(dir_name)
     uri = f"{fs.type_name}://{dest}"
 
@@ -293,7 +296,7 @@ def _checked_upload(checkpoint: Any, dir_name: str) -> Any:
         print(f"medgpt: checkpoint upload {n} failed, retrying in {delay:.0f} s: {e}", flush=True)
 
     storage.with_retries(attempt, f"checkpoint {dir_name} to {uri}", on_retry=warn)
-    return ray.train.Checkpoint(path=dest, filesystem=fs)
+    return ray.train.Checkpoint(path=dest, filesystem=store.storage_filesystem)
 
 
 Reporter = Callable[[dict[str, Any], "Path | None", int], None]
