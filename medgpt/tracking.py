@@ -110,10 +110,29 @@ def finish_run(
 ) -> None:
     """Log the end-of-run artifacts: the best checkpoint folder (as ``model/checkpoint``), the
     data manifest, the resolved recipe, the loss curve and the summary."""
-    import yaml
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
+    try:
+        _log_run_artifacts(client, uri, run_id, summary, best_checkpoint, manifest, recipe)
+    finally:
+        # The run's status and best loss are recorded even when its artifacts cannot be.
+        if summary.get("best_val_loss") is not None:
+            client.set_tag(run_id, "best_val_loss", str(summary["best_val_loss"]))
+        client.set_terminated(run_id, status=status)
+
+
+def _log_run_artifacts(
+    client: Any,
+    uri: str,
+    run_id: str,
+    summary: dict[str, Any],
+    best_checkpoint: str | None,
+    manifest: dict[str, Any],
+    recipe: dict[str, Any],
+) -> None:
+    import yaml
+
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         (t / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -136,9 +155,6 @@ def finish_run(
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.download_dir(best_checkpoint, Path(tmp) / "c", only=SERVING_FILES)
             client.log_artifacts(run_id, str(local), "model/checkpoint")
-    if summary.get("best_val_loss") is not None:
-        client.set_tag(run_id, "best_val_loss", str(summary["best_val_loss"]))
-    client.set_terminated(run_id, status=status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +323,7 @@ class RunLogger:
         self._pending: collections.deque[tuple[str, Any]] = collections.deque()
         self._cond = threading.Condition()
         self._busy = False
+        self._inflight = 0  # queued items the current request carries
         self._closed = False
         self.max_pending, self.max_delay_s = max_pending, max_delay_s
         self.dropped = 0
@@ -325,8 +342,10 @@ class RunLogger:
         batch = [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(v)]
         with self._cond:
             self._pending.append(("metrics", batch))
-            while self._metric_count() > self.max_pending:
-                kind, item = self._pending.popleft()
+            # Drop the oldest records not in the request being sent (which pops its own).
+            while self._metric_count() > self.max_pending and len(self._pending) > self._inflight:
+                kind, item = self._pending[self._inflight]
+                del self._pending[self._inflight]
                 self.dropped += len(item) if kind == "metrics" else 1
             self._cond.notify_all()
 
@@ -351,12 +370,24 @@ class RunLogger:
                 if not self._pending:
                     return
                 kind, item = self._pending[0]
-                self._busy = True
+                taken = 1
+                if kind == "metrics":
+                    # The steps queued meanwhile go in one request (up to MLflow's 1000 per
+                    # batch): a loop faster than one round trip per step does not fall behind.
+                    item = list(item)
+                    while (
+                        taken < len(self._pending)
+                        and self._pending[taken][0] == "metrics"
+                        and len(item) + len(self._pending[taken][1]) <= 1000
+                    ):
+                        item.extend(self._pending[taken][1])
+                        taken += 1
+                self._busy, self._inflight = True, taken
             try:
                 self._send(kind, item)
             except Exception as e:  # any failure of the client: keep the record, retry later
                 with self._cond:
-                    self._busy = False
+                    self._busy, self._inflight = False, 0
                     if self.failing_since is None:
                         self.failing_since = time.monotonic()
                         self._log(
@@ -372,8 +403,9 @@ class RunLogger:
                 delay = min(delay * 2, self.max_delay_s)
                 continue
             with self._cond:
-                self._pending.popleft()
-                self._busy = False
+                for _ in range(taken):
+                    self._pending.popleft()
+                self._busy, self._inflight = False, 0
                 self.sent += len(item) if kind == "metrics" else 1
                 if self.failing_since is not None:
                     self._log(
