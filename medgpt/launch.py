@@ -251,9 +251,16 @@ def fit_and_record(
     try:
         result = trainer.fit()
     except Exception as e:
-        tracking.finish_run(
-            uri, run_id, {"error": _worker_error(e)}, None, manifest, recipe.to_dict(), "FAILED"
-        )
+        try:
+            tracking.finish_run(
+                uri, run_id, {"error": _worker_error(e)}, None, manifest, recipe.to_dict(), "FAILED"
+            )
+        except Exception as record_error:  # what failed the run (a store down) may fail this too
+            print(
+                f"medgpt train: warning: the failure could not be recorded in MLflow at {uri}: "
+                f"{tracking.mlflow_message(record_error)}",
+                flush=True,
+            )
         raise TrainingError(f"training run {job.name!r} failed: {_worker_error(e)}") from None
     best = result.get_best_checkpoint("val_loss", "min")
     best_val = None
@@ -278,9 +285,16 @@ def fit_and_record(
         mlflow_tracking_uri=uri,
         seconds=round(time.time() - started, 1),
     )
-    tracking.finish_run(
-        uri, run_id, summary.to_dict(), summary.best_checkpoint, manifest, recipe.to_dict()
-    )
+    try:
+        tracking.finish_run(
+            uri, run_id, summary.to_dict(), summary.best_checkpoint, manifest, recipe.to_dict()
+        )
+    except Exception as e:  # the server or its artifact store gone at the end of the run
+        raise TrainingError(
+            f"training run {job.name!r} finished (best checkpoint {summary.best_checkpoint}), "
+            f"but recording it in MLflow at {uri} failed: {tracking.mlflow_message(e)}; "
+            "running the same command again records it"
+        ) from None
     text = json.dumps(summary.to_dict(), indent=2) + "\n"
     if not _is_uri(job.storage_path):
         out = Path(summary.run_dir) / RESULT_FILE
