@@ -614,6 +614,8 @@ class Stack:
 
     def down(self) -> None:
         """Stop every component, Ray first (its jobs may still talk to the others)."""
+        if not self.state_path.exists() and not procs.marked_pids(self._ray_marker()):
+            return  # never brought up here: nothing to stop, and no folder to create
         for name in reversed(COMPONENTS):
             self.stop(name)
 

@@ -65,8 +65,9 @@ def cluster_stack() -> Any:
     their own cluster): SeaweedFS, PostgreSQL and an MLflow server on it, on free ports, once
     per session. Yields the Stack; ``stack.env()`` is what a client needs."""
     from medgpt.stack import Stack, StackError
-    from medgpt.testing.stack import stack_config, stack_dir
+    from medgpt.testing.stack import stack_config, stack_dir, stop_orphaned_stacks
 
+    stop_orphaned_stacks()  # what a killed earlier session left running
     root = stack_dir()
     stack = Stack(stack_config(root))
     try:

@@ -4,7 +4,9 @@ own Ray, MLflow or AWS settings."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 from medgpt.stack import WEED_GRPC_OFFSET, StackConfig
 
-__all__ = ["client_env", "stack_config", "stack_dir"]
+__all__ = ["client_env", "stack_config", "stack_dir", "stop_orphaned_stacks"]
 
 _CLIENT_PREFIXES = ("RAY_", "MLFLOW_", "AWS_", "MEDGPT_STORAGE")
 
@@ -38,10 +40,33 @@ def _free_pair(taken: set[int]) -> int:
             return p
 
 
+_OWNER_FILE = "medgpt-owner.pid"
+
+
 def stack_dir(label: str = "stack") -> Path:
     """A new folder under /tmp (pytest's own tmp folders are closed to other users, and
-    PostgreSQL runs as `postgres` when the tests run as root)."""
-    return Path(tempfile.mkdtemp(prefix=f"medgpt-{label}-", dir="/tmp"))
+    PostgreSQL runs as `postgres` when the tests run as root), holding this process's pid so
+    that :func:`stop_orphaned_stacks` can tell a live session's stack from a killed one's."""
+    root = Path(tempfile.mkdtemp(prefix=f"medgpt-{label}-", dir="/tmp"))
+    (root / _OWNER_FILE).write_text(str(os.getpid()))
+    return root
+
+
+def stop_orphaned_stacks() -> None:
+    """Stop the stacks of test sessions that were killed before their teardown, and remove
+    their folders; stacks of sessions still running are left alone."""
+    from medgpt.procs import alive
+    from medgpt.stack import Stack, StackError
+
+    for root in Path("/tmp").glob("medgpt-*-*"):
+        try:
+            owner = int((root / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not alive(owner):
+            with contextlib.suppress(StackError):
+                Stack.open({"dir": str(root)}).down()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def stack_config(root: Path, ray: bool = False, **changes: Any) -> StackConfig:
