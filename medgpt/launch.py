@@ -252,9 +252,13 @@ def fit_and_record(
         result = trainer.fit()
     except Exception as e:
         try:
-            tracking.finish_run(
-                uri, run_id, {"error": _worker_error(e)}, None, manifest, recipe.to_dict(), "FAILED"
-            )
+            # Quickly: what failed the run (the artifact store down) may fail this too, and
+            # MLflow's default retries would hold the error back for minutes.
+            with tracking.few_retries():
+                tracking.finish_run(
+                    uri, run_id, {"error": _worker_error(e)}, None, manifest, recipe.to_dict(),
+                    "FAILED",
+                )  # fmt: skip
         except Exception as record_error:  # what failed the run (a store down) may fail this too
             print(
                 f"medgpt train: warning: the failure could not be recorded in MLflow at {uri}: "

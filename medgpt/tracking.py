@@ -292,6 +292,22 @@ def git_commit() -> str | None:
 WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+@contextlib.contextmanager
+def few_retries() -> Iterator[None]:
+    """MLflow's HTTP calls in this block try once more at most (WORKER_HTTP_ENV's timeout),
+    instead of backing off for minutes; the variables are put back after."""
+    saved = {k: os.environ.get(k) for k in WORKER_HTTP_ENV}
+    os.environ.update({**WORKER_HTTP_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class RunLogger:
     """Sends a run's metrics and texts to MLflow from a background thread, in order.
 
