@@ -114,20 +114,38 @@ def build_model(recipe: Recipe) -> GPT:
     return load_hf_gpt2(src, dropout=recipe.model.dropout)
 
 
+# Dense bf16 tensor-core peaks (NVIDIA's datasheets), most specific pattern first: matching by
+# substring made "L40S" and "L40" read as "L4" (3x and 1.5x too high MFU) and gave a PCIe H100
+# the SXM figure.
+GPU_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    (r"\bH200\b", 989e12),
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b", 989e12),
+    (r"\bA100\b", 312e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10G?\b", 125e12),  # A10's figure; AWS's A10G is the same chip at lower clocks
+)
+UNKNOWN_GPU_PEAK = 100e12
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The dense bf16 peak of the GPU ``torch.cuda.get_device_name`` calls ``name``; None when
+    the table does not know it."""
+    import re
+
+    for pattern, flops in GPU_PEAK_FLOPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return flops
+    return None
+
+
 def measured_peak_flops(device: torch.device) -> float:
     """Peak FLOP/s for MFU: a table for known GPUs (bf16 dense), measured on a CPU."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in (
-            ("H200", 989e12),
-            ("H100", 989e12),
-            ("A100", 312e12),
-            ("L4", 121e12),
-            ("A10", 125e12),
-        ):
-            if key in name:
-                return flops
-        return 100e12
+        peak = gpu_peak_flops(torch.cuda.get_device_name(device))
+        return UNKNOWN_GPU_PEAK if peak is None else peak
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm up
@@ -187,9 +205,13 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`_rng_state` saved. The checkpoint holds the generators of every GPU
+    rank 0 could see; a worker that sees fewer (a resume on other nodes, or Ray showing each
+    worker its own GPU) restores those it has, and one that sees more keeps the rest as seeded."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, gen in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gen, index)
 
 
 class _Tracker:

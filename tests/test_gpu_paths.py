@@ -1,0 +1,48 @@
+"""GPU code paths that can be checked without a GPU: the MFU peak table by device name, and
+restoring a checkpoint's CUDA generators on a worker that sees fewer devices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medgpt import training
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA A10G", 125e12),
+        ("NVIDIA A10", 125e12),
+        ("Tesla T4", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_table_matches_whole_model_names(name, peak) -> None:
+    assert training.gpu_peak_flops(name) == peak
+
+
+def test_rng_restore_with_fewer_visible_gpus(monkeypatch) -> None:
+    """Saved on a node with 4 visible GPUs, restored where a worker sees 1: the first is set,
+    nothing raises (it used to be IndexError inside set_rng_state_all)."""
+    restored: list[tuple[int, torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append((i, s)))
+    gens = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    cpu = torch.get_rng_state()
+    training._set_rng_state({"torch": cpu, "cuda": gens})
+    assert [(i, int(s[0])) for i, s in restored] == [(0, 0)]
+    assert torch.equal(torch.get_rng_state(), cpu)
+    restored.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # more than were saved
+    training._set_rng_state({"torch": cpu, "cuda": gens})
+    assert [i for i, _ in restored] == [0, 1, 2, 3]
