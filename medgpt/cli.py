@@ -344,7 +344,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from medgpt.serving import DEFAULT_CONFIG, deploy
 
-    overrides = {"checkpoint": args.checkpoint, "storage_path": args.storage_path, "int8": args.int8}
+    overrides = {
+        "checkpoint": args.checkpoint,
+        "storage_path": args.storage_path,
+        "int8": args.int8,
+        "num_gpus": args.num_gpus,
+        "device": args.device,
+    }
     deploy(args.config or DEFAULT_CONFIG, overrides, args.host, args.port)
     print("Ctrl-C stops", flush=True)
     try:
@@ -495,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="a checkpoint folder, run folder or models:/ URI")
     s.add_argument("--storage-path", dest="storage_path", help="MLflow store / downloads (runs)")
     s.add_argument("--int8", action="store_true", default=None, help="int8 linears (CPU)")
+    s.add_argument("--num-gpus", type=float, help="GPUs reserved per replica (0: CPU replica)")
+    s.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="auto: cuda with --num-gpus, else cpu"
+    )
     s.add_argument("--host", help="HTTP host (127.0.0.1)")
     s.add_argument("--port", type=int, help="HTTP port (8000)")
     s.set_defaults(func=cmd_serve)

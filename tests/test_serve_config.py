@@ -49,6 +49,12 @@ def test_deployment_options_follow_the_config() -> None:
         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
         ({"device": "tpu"}, "allowed: auto, cpu, cuda, cuda:N"),
         ({"int8": "yes"}, "args.int8: expected bool"),
+        ({"device": "cuda"}, "needs a GPU reserved for the replica (num_gpus > 0, --num-gpus)"),
+        ({"int8": True, "num_gpus": 1}, "int8: the weight-only int8 linears run on CPU only"),
+        (
+            {"int8": True, "num_gpus": 1, "device": "cuda:0"},
+            "int8: the weight-only int8 linears run on CPU only",
+        ),
     ],
 )
 def test_bad_args_name_the_key(tmp_path, args, message) -> None:
@@ -106,3 +112,27 @@ def test_demo_with_a_bad_checkpoint_exits_2_before_starting_anything(tmp_path, c
     captured = capsys.readouterr()
     assert rc == 2 and "no such checkpoint" in captured.err, captured
     assert len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "device"),
+    [
+        ({}, "cpu"),  # no GPU reserved: the CPU, whatever the replica can see
+        ({"num_gpus": 1}, "cuda"),
+        ({"num_gpus": 0.5, "device": "cuda:0"}, "cuda:0"),
+        ({"num_gpus": 1, "device": "cpu"}, "cpu"),
+    ],
+)
+def test_replica_device_follows_the_reserved_gpus(args, device) -> None:
+    from medgpt.serving.config import ServeConfig
+
+    assert ServeConfig.from_dict(args).replica_device() == device
+
+
+def test_serve_refuses_int8_on_a_gpu_before_deploying(capsys) -> None:
+    """`medgpt serve --int8 --num-gpus 1` used to deploy and crash-loop inside the replica."""
+    from medgpt.cli import main
+
+    assert main(["serve", "--int8", "--num-gpus", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int8: the weight-only int8 linears run on CPU only" in err[0], err

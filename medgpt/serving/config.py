@@ -74,6 +74,16 @@ class ServeConfig:
         _require(self.num_cpus >= 0, f"num_cpus: must be >= 0, got {self.num_cpus}")
         _require(self.num_gpus >= 0, f"num_gpus: must be >= 0, got {self.num_gpus}")
         _require(
+            not self.device.startswith("cuda") or self.num_gpus > 0,
+            f"device: {self.device!r} needs a GPU reserved for the replica (num_gpus > 0, "
+            "--num-gpus); with num_gpus 0 use device auto or cpu",
+        )
+        _require(
+            not (self.int8 and (self.num_gpus > 0 or self.device.startswith("cuda"))),
+            "int8: the weight-only int8 linears run on CPU only; drop int8 to serve on a GPU "
+            "(num_gpus > 0 / device cuda), or serve int8 with num_gpus 0",
+        )
+        _require(
             self.max_ongoing_requests is None or self.max_ongoing_requests >= 1,
             f"max_ongoing_requests: must be >= 1, or null; got {self.max_ongoing_requests}",
         )
@@ -91,6 +101,14 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def replica_device(self) -> str:
+        """The device the replica loads the model on. ``auto`` without a reserved GPU is the
+        CPU, whatever the replica can see: Ray hides GPUs from actors that reserved none only
+        by default, and a replica must not share a GPU it was not given."""
+        if self.device == "auto":
+            return "cuda" if self.num_gpus > 0 else "cpu"
+        return self.device
 
     def deployment_options(self) -> dict[str, Any]:
         """``Deployment.options(...)`` for the replica."""

@@ -187,7 +187,9 @@ class MedgptServer:
 
             cfg = self.cfg
             torch.set_num_threads(cfg.threads or _actor_cpus())  # Ray sets OMP_NUM_THREADS=1
-            model = checkpoint.load_model(path, device=checkpoint.resolve_device(cfg.device))
+            model = checkpoint.load_model(
+                path, device=checkpoint.resolve_device(cfg.replica_device())
+            )
             if cfg.int8:
                 from medgpt.quantize import quantize_int8
 
