@@ -396,7 +396,9 @@ class TrainConfig:
     )
     sample_tokens: int = 48
     seed: int = 1337
-    compile: bool = False  # torch.compile, CUDA only
+    # torch.compile, CUDA only: true falls back to eager (one warning) where Triton cannot build
+    # its launcher (no C compiler or Python headers); "required" fails the run instead.
+    compile: bool | str = False
     threads_per_worker: int = 0  # torch threads on CPU workers; 0 = the worker's CPUs
 
     def __post_init__(self) -> None:
@@ -407,6 +409,10 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "sample_tokens", "threads_per_worker"):
             _require(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}")
+        _require(
+            self.compile in (True, False, "required"),
+            f"compile: {self.compile!r} (allowed: true, false, required)",
+        )
         _require(self.lr > 0, f"lr: must be > 0, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, f"min_lr: must be in [0, lr], got {self.min_lr}")
         _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")

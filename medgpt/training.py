@@ -32,7 +32,7 @@ from medgpt.checkpoint import (
 )
 from medgpt.config import ModelConfig, Recipe, TrainConfig
 from medgpt.data.loader import WindowLoader, read_manifest
-from medgpt.errors import CheckpointError, DataError
+from medgpt.errors import CheckpointError, ConfigError, DataError
 from medgpt.hf import load_hf_gpt2
 from medgpt.model import GPT, flops_per_token
 from medgpt.tokenizer import N_VOCAB, TOKENIZER_NAME
@@ -139,6 +139,42 @@ def gpu_peak_flops(name: str) -> float | None:
         if re.search(pattern, name, flags=re.IGNORECASE):
             return flops
     return None
+
+
+def compile_problem() -> str | None:
+    """Why torch.compile's GPU backend cannot build on this machine, or None. Triton compiles a
+    small C launcher at the first step: it needs a C compiler and the Python headers, which a
+    bare cloud image (python3-venv only) lacks."""
+    import os
+    import shutil
+    import sysconfig
+
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        return f"the Python headers are missing ({header}; e.g. apt-get install python3-dev)"
+    compilers = (os.environ.get("CC"), "cc", "gcc", "clang")
+    if not any(c and shutil.which(c) for c in compilers):
+        return "no C compiler on PATH (cc, gcc, clang or $CC; e.g. apt-get install build-essential)"
+    return None
+
+
+def use_compile(setting: bool | str, problem: str | None, is_main: bool) -> bool:
+    """Whether to torch.compile, given ``train.compile`` and :func:`compile_problem`'s answer:
+    without the build tools, ``true`` trains eager after one warning (from rank 0) and
+    ``"required"`` is a ConfigError."""
+    if not setting:
+        return False
+    if problem is None:
+        return True
+    if setting == "required":
+        raise ConfigError(f"train.compile: required, but torch.compile cannot build here: {problem}")
+    if is_main:
+        print(
+            f"medgpt: warning: torch.compile is off for this run: {problem}; training runs eager "
+            "(train.compile: required fails instead)",
+            flush=True,
+        )
+    return False
 
 
 def measured_peak_flops(device: torch.device) -> float:
@@ -374,7 +410,7 @@ def run_loop(
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{d}: training state does not fit this run ({e})") from None
     use_cuda = ctx.device.type == "cuda"
-    if use_cuda and tc.compile:
+    if use_cuda and use_compile(tc.compile, compile_problem(), ctx.is_main):
         model = torch.compile(model)
     if ctx.world > 1 and wrap is None:
         import ray.train.torch

@@ -46,3 +46,41 @@ def test_rng_restore_with_fewer_visible_gpus(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # more than were saved
     training._set_rng_state({"torch": cpu, "cuda": gens})
     assert [i for i, _ in restored] == [0, 1, 2, 3]
+
+
+def test_compile_problem_names_missing_headers_and_compiler(monkeypatch, tmp_path) -> None:
+    import shutil
+    import sysconfig
+
+    real = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**real, "include": str(tmp_path)})
+    assert "the Python headers are missing" in training.compile_problem()
+    (tmp_path / "Python.h").write_text("")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert training.compile_problem().startswith("no C compiler on PATH")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert training.compile_problem() is None
+
+
+def test_compile_falls_back_to_eager_unless_required(capsys) -> None:
+    from medgpt.errors import ConfigError
+
+    assert training.use_compile(True, None, True) is True
+    assert training.use_compile(False, "no headers", True) is False
+    assert training.use_compile(True, "no headers", True) is False
+    assert capsys.readouterr().out.count("torch.compile is off for this run: no headers") == 1
+    assert training.use_compile(True, "no headers", False) is False
+    assert capsys.readouterr().out == ""  # only rank 0 says it
+    with pytest.raises(ConfigError, match=r"train\.compile: required, but torch\.compile cannot "
+                       r"build here: no headers"):  # fmt: skip
+        training.use_compile("required", "no headers", True)
+
+
+def test_compile_setting_is_checked() -> None:
+    from medgpt.config import TrainConfig, from_mapping
+    from medgpt.errors import ConfigError
+
+    assert from_mapping(TrainConfig, {"compile": "required"}).compile == "required"
+    with pytest.raises(ConfigError, match=r"compile: 'yes' \(allowed: true, false, required\)"):
+        from_mapping(TrainConfig, {"compile": "yes"})
