@@ -399,6 +399,9 @@ class TrainConfig:
     # torch.compile, CUDA only: true falls back to eager (one warning) where Triton cannot build
     # its launcher (no C compiler or Python headers); "required" fails the run instead.
     compile: bool | str = False
+    # Recompute each block's activations in backward (memory for compute): medgpt plan shows
+    # what it saves; the gradients are the same.
+    activation_checkpointing: bool = False
     threads_per_worker: int = 0  # torch threads on CPU workers; 0 = the worker's CPUs
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from medgpt.config import ModelConfig
 
@@ -175,6 +176,10 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        # Training-time choice, not part of the model's shape (train.activation_checkpointing):
+        # each block's activations are recomputed in backward instead of kept, trading about a
+        # third more compute for activation memory of one block's inputs per layer.
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer)
         # so the stream's variance does not grow with depth.
@@ -204,7 +209,18 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} positions exceeds the context of {limit}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        recompute = (
+            self.activation_checkpointing
+            and self.training
+            and kv_cache is None
+            and torch.is_grad_enabled()
+        )
         for i, block in enumerate(self.transformer.h):
+            if recompute:
+                # Non-reentrant, with the RNG state kept: the recomputed dropout masks are the
+                # ones of the forward, so the gradients are those without checkpointing.
+                x = torch.utils.checkpoint.checkpoint(block, x, None, start, use_reentrant=False)
+                continue
             cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, cache, start)
         if kv_cache is not None:

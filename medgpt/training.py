@@ -378,6 +378,7 @@ def run_loop(
     tc = recipe.train
     torch.manual_seed(tc.seed)  # identical init on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(recipe).to(ctx.device)
+    model.activation_checkpointing = tc.activation_checkpointing
     accum = tc.grad_accum_steps(ctx.world)
     train_loader = WindowLoader(
         tc.data_dir, "train", tc.seq_len, tc.micro_batch_size, ctx.rank, ctx.world, tc.seed

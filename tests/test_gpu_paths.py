@@ -84,3 +84,31 @@ def test_compile_setting_is_checked() -> None:
     assert from_mapping(TrainConfig, {"compile": "required"}).compile == "required"
     with pytest.raises(ConfigError, match=r"compile: 'yes' \(allowed: true, false, required\)"):
         from_mapping(TrainConfig, {"compile": "yes"})
+
+
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch) -> None:
+    """Per-block recomputation (train.activation_checkpointing) with dropout on: same loss and
+    gradients as keeping the activations, since the recomputed dropout masks are the same."""
+    import torch.utils.checkpoint
+
+    from medgpt.testing.models import random_ids, tiny_gpt
+
+    calls: list[int] = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    grads = []
+    for recompute in (False, True):
+        model = tiny_gpt(seed=3, dropout=0.1)
+        model.train()
+        model.activation_checkpointing = recompute
+        x = random_ids(seed=1)
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, a), (loss_b, b) = grads
+    assert len(calls) == tiny_gpt().config.n_layer  # once per block, in the second run only
+    assert loss_a == loss_b
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
