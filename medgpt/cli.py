@@ -205,6 +205,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per-GPU training memory of a recipe on a GPU type (medgpt.plan); exit 2 if it cannot fit."""
+    from medgpt.errors import ConfigError
+    from medgpt.plan import describe
+    from medgpt.training import resolve_model_config
+
+    recipe = _load_recipe(args)
+    tc = recipe.train
+    text, fits = describe(
+        resolve_model_config(recipe), tc.micro_batch_size, tc.seq_len,
+        tc.activation_checkpointing, args.gpu,
+    )  # fmt: skip
+    print(text)
+    if not fits:
+        raise ConfigError(
+            f"train.micro_batch_size: {tc.micro_batch_size} x {tc.seq_len} does not fit on "
+            f"{args.gpu} (table above): lower it, or set train.activation_checkpointing: true"
+        )
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from medgpt.config import given_flags
     from medgpt.tuning import load_spec, run_sweep, trial_table
@@ -537,6 +558,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--web-port", type=int, default=5000, help="the page's port (%(default)s)")
     d.add_argument("--serve-cpus", type=float, help="CPUs of the replica (serve/config.yaml)")
     d.set_defaults(func=cmd_demo)
+    pl = sub.add_parser(
+        "plan",
+        help="will a recipe fit on a GPU? per-GPU memory by part, largest micro-batch",
+        description="Per-GPU training memory of a recipe (weights, gradients, AdamW moments, "
+        "DDP buckets, activations at its micro-batch) with and without activation "
+        "checkpointing, and the largest micro-batch that fits; exit 2 when the recipe's own "
+        "setting does not. Example: medgpt plan --config configs/medquad-124m.yaml --gpu A10G",
+    )
+    _add_train_arguments(pl)
+    from medgpt.plan import GPUS_MIB
+
+    pl.add_argument("--gpu", required=True, choices=list(GPUS_MIB), help="the GPU type")
+    pl.set_defaults(func=cmd_plan)
     st = sub.add_parser(
         "stack",
         help="run object storage, PostgreSQL, an MLflow server and a Ray head on this machine",
