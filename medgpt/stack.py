@@ -594,6 +594,7 @@ class Stack:
         """Stop component ``name`` (nothing when it is not running)."""
         if name == "ray":
             procs.stop_marked(self._ray_marker(), grace_s=10)
+            shutil.rmtree(self._ray_temp(), ignore_errors=True)  # its sessions' logs and sockets
         elif name == "postgres":
             data = self.root / "postgres" / "data"
             if self._pid_alive("postgres"):
