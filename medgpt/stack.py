@@ -99,7 +99,8 @@ class ComponentStatus:
     detail: str = ""
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Nothing listens on ``host:port`` (a bind succeeds)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -374,7 +375,7 @@ class Stack:
 
     def _check_ports(self, name: str) -> None:
         for key, port in self._ports(name):
-            if not _port_free(self.config.host, port):
+            if not port_free(self.config.host, port):
                 flag = "--" + key.split(" ")[0].replace("_", "-")
                 raise StackError(
                     f"{name}: port {port} ({key}) is in use on {self.config.host}; stop what "

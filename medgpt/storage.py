@@ -89,16 +89,12 @@ def streaming(fs: Any) -> Any:
     return pyarrow.fs.S3FileSystem(region=fs.region, background_writes=False, **extra)
 
 
-def _info(fs: Any, path: str) -> Any:
-    return fs.get_file_info(path)
-
-
 def exists(uri: str) -> bool:
     import pyarrow.fs
 
     fs, path = resolve(uri)
     try:
-        return _info(fs, path).type != pyarrow.fs.FileType.NotFound
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
     except OSError as e:
         raise StorageError(f"{uri}: not reachable{endpoint_note()}: {_message(e)}") from None
 

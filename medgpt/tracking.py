@@ -110,51 +110,38 @@ def finish_run(
 ) -> None:
     """Log the end-of-run artifacts: the best checkpoint folder (as ``model/checkpoint``), the
     data manifest, the resolved recipe, the loss curve and the summary."""
+    import yaml
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     try:
-        _log_run_artifacts(client, uri, run_id, summary, best_checkpoint, manifest, recipe)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = Path(tmp)
+            (t / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            (t / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+            (t / "result.json").write_text(json.dumps(summary, indent=2))
+            client.log_artifact(run_id, str(t / "manifest.json"), "data")
+            client.log_artifact(run_id, str(t / "recipe.yaml"), "config")
+            client.log_artifact(run_id, str(t / "result.json"))
+            png = loss_curve_png(uri, run_id, t / "loss_curve.png")
+            if png is not None:
+                client.log_artifact(run_id, str(png))
+        if best_checkpoint and "://" not in best_checkpoint:
+            client.log_artifacts(run_id, best_checkpoint, "model/checkpoint")
+        elif best_checkpoint:
+            # In object storage: its serving files pass through here on their way to the artifact
+            # store, so `runs:/ID` and registering work as for a local run.
+            from medgpt import storage
+            from medgpt.checkpoint import SERVING_FILES
+
+            with tempfile.TemporaryDirectory() as tmp:
+                local = storage.download_dir(best_checkpoint, Path(tmp) / "c", only=SERVING_FILES)
+                client.log_artifacts(run_id, str(local), "model/checkpoint")
     finally:
         # The run's status and best loss are recorded even when its artifacts cannot be.
         if summary.get("best_val_loss") is not None:
             client.set_tag(run_id, "best_val_loss", str(summary["best_val_loss"]))
         client.set_terminated(run_id, status=status)
-
-
-def _log_run_artifacts(
-    client: Any,
-    uri: str,
-    run_id: str,
-    summary: dict[str, Any],
-    best_checkpoint: str | None,
-    manifest: dict[str, Any],
-    recipe: dict[str, Any],
-) -> None:
-    import yaml
-
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Path(tmp)
-        (t / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        (t / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        (t / "result.json").write_text(json.dumps(summary, indent=2))
-        client.log_artifact(run_id, str(t / "manifest.json"), "data")
-        client.log_artifact(run_id, str(t / "recipe.yaml"), "config")
-        client.log_artifact(run_id, str(t / "result.json"))
-        png = loss_curve_png(uri, run_id, t / "loss_curve.png")
-        if png is not None:
-            client.log_artifact(run_id, str(png))
-    if best_checkpoint and "://" not in best_checkpoint:
-        client.log_artifacts(run_id, best_checkpoint, "model/checkpoint")
-    elif best_checkpoint:
-        # In object storage: its serving files pass through here on their way to the artifact
-        # store, so `runs:/ID` and registering work as for a local run.
-        from medgpt import storage
-        from medgpt.checkpoint import SERVING_FILES
-
-        with tempfile.TemporaryDirectory() as tmp:
-            local = storage.download_dir(best_checkpoint, Path(tmp) / "c", only=SERVING_FILES)
-            client.log_artifacts(run_id, str(local), "model/checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------

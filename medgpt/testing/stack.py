@@ -12,20 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from medgpt.stack import WEED_GRPC_OFFSET, StackConfig
+from medgpt.stack import WEED_GRPC_OFFSET, StackConfig, port_free
 
 __all__ = ["client_env", "stack_config", "stack_dir", "stop_orphaned_stacks"]
 
 _CLIENT_PREFIXES = ("RAY_", "MLFLOW_", "AWS_", "MEDGPT_STORAGE")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _free_pair(taken: set[int]) -> int:
@@ -35,7 +26,7 @@ def _free_pair(taken: set[int]) -> int:
             s.bind(("127.0.0.1", 0))
             p = s.getsockname()[1]
         grpc = p + WEED_GRPC_OFFSET
-        if p <= 55535 and not {p, grpc} & taken and _free(grpc):
+        if p <= 55535 and not {p, grpc} & taken and port_free("127.0.0.1", grpc):
             taken.update({p, grpc})
             return p
 
