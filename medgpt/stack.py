@@ -557,7 +557,7 @@ class Stack:
             raise StackError(f"ray: `ray start --head` failed (log {self._log('ray')})")
         self.state.setdefault("pids", {})["ray"] = None
         self._save()
-        _wait(lambda: self._healthy("ray"), 60, "Ray dashboard", self._log("ray"))
+        _wait(lambda: self._healthy("ray"), 120, "Ray dashboard", self._log("ray"))
 
     def start(self, name: str) -> bool:
         """Start component ``name`` unless it runs; True when it was started."""
