@@ -25,6 +25,7 @@ from medgpt.evaluation import (
 )
 from medgpt.hf import save_hf_gpt2
 from medgpt.model import GPT
+from medgpt.testing import own_lines
 from medgpt.tokenizer import EOT_ID, get_tokenizer
 
 WORDS = [
@@ -360,7 +361,7 @@ def test_bad_input_exits_2_and_registers_nothing(case, corpus, ckpt, tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("medgpt evaluate: error:") and message in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert len(own_lines(err)) == 1 and "Traceback" not in err
     assert not (tmp_path / "report").exists()
     assert not (store / "mlflow.db").exists() or _registered(store) == []
 

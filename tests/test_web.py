@@ -19,7 +19,7 @@ import requests
 from flask import Flask
 
 from medgpt.errors import ConfigError
-from medgpt.testing import REPO, free_port, wait_for
+from medgpt.testing import REPO, free_port, own_lines, wait_for
 from medgpt.testing.serving import (
     MODEL_ID,
     closed_port_url,
@@ -531,7 +531,7 @@ def test_a_port_in_use_is_one_line(tmp_path, capsys) -> None:
         s.listen()
         rc = main(["--port", str(s.getsockname()[1])])
     err = capsys.readouterr().err
-    assert rc == 2 and "cannot listen on 127.0.0.1:" in err and len(err.splitlines()) == 1
+    assert rc == 2 and "cannot listen on 127.0.0.1:" in err and len(own_lines(err)) == 1
 
 
 def test_gunicorn_serves_and_streams(serve_url, tmp_path) -> None:

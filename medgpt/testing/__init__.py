@@ -7,6 +7,7 @@ another. Nothing here imports torch or Ray.
 
 from __future__ import annotations
 
+import re
 import resource
 import socket
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO", "free_port", "peak_rss_mib", "wait_for"]
+__all__ = ["REPO", "free_port", "own_lines", "peak_rss_mib", "wait_for"]
 
 # The checkout this medgpt is imported from (the editable install the tests and benchmarks run
 # against): they find serve/config.yaml, data/ and runs/ there, and start subprocesses in it.
@@ -45,3 +46,15 @@ def peak_rss_mib() -> float:
     """This process's peak resident memory (``ru_maxrss``) in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes there, KiB here
+
+
+# Ray prints its workers' log lines on the driver's stderr from a background thread, each
+# prefixed "(ActorName pid=N)" (in cyan on a terminal), whenever a driver is connected in this
+# process: a Serve replica's access log can land in the middle of another test's capture.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\([^()]*pid=\d+[^()]*\)")
+
+
+def own_lines(text: str) -> list[str]:
+    """The non-empty lines of captured output that this process printed itself (Ray's
+    forwarded worker lines left out)."""
+    return [line for line in text.splitlines() if line.strip() and not _RAY_FORWARDED.match(line)]
