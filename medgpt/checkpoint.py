@@ -62,8 +62,10 @@ def save_checkpoint(
     model: torch.nn.Module,
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at ``path`` atomically (replacing one that is there)."""
+    """Write a checkpoint folder at ``path`` atomically (replacing one that is there).
+    ``weights``: the model's full state dict when ``model`` itself holds only a shard (fsdp)."""
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     if not isinstance(model, GPT):
@@ -72,7 +74,7 @@ def save_checkpoint(
     with staged_dir(out) as tmp:
         state = {
             k: v.detach().to("cpu").contiguous()
-            for k, v in model.state_dict().items()
+            for k, v in (model.state_dict() if weights is None else weights).items()
             if k != _TIED
         }
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})

@@ -396,8 +396,10 @@ class TrainConfig:
     )
     sample_tokens: int = 48
     seed: int = 1337
-    # torch.compile, CUDA only: true falls back to eager (one warning) where Triton cannot build
-    # its launcher (no C compiler or Python headers); "required" fails the run instead.
+    # torch.compile: true falls back to eager (one warning) where it cannot build (Triton's
+    # launcher on a GPU, inductor's C++ on a CPU: no C compiler or Python headers); "required"
+    # fails the run instead. The CPU recipes leave it off: their runs are too short to repay
+    # the compile time.
     compile: bool | str = False
     # Recompute each block's activations in backward (memory for compute): medgpt plan shows
     # what it saves; the gradients are the same.
@@ -439,6 +441,9 @@ class TrainConfig:
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
+# ddp: every worker holds the whole model, gradients and AdamW state; fsdp: those are sharded
+# over the workers (FSDP2), for models whose training state does not fit one GPU.
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclasses.dataclass
@@ -464,8 +469,13 @@ class JobConfig:
     # STRICT_SPREAD (one per node, or not at all: a lost node then cannot be replaced by a
     # node already in use).
     placement_strategy: str = "PACK"
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
+        _require(
+            self.strategy in STRATEGIES,
+            f"strategy: {self.strategy!r} (allowed: {', '.join(STRATEGIES)})",
+        )
         _require(
             bool(self.name) and "/" not in self.name,
             f"name: must be a plain folder name, got {self.name!r}",

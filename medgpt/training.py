@@ -1,10 +1,11 @@
 """The GPT training loop that Ray Train runs on every worker, and what it needs.
 
 One optimizer step = ``grad_accum_steps`` micro-batches per worker on every worker, so the
-global batch is ``train.batch_tokens`` tokens whatever the number of workers. Gradients are
-all-reduced once per step (DDP's ``no_sync`` on the other micro-steps). Rank 0 writes
-checkpoints and MLflow records; every rank calls ``ray.train.report`` at the same steps,
-because it is a barrier.
+global batch is ``train.batch_tokens`` tokens whatever the number of workers. With
+``job.strategy: ddp`` gradients are all-reduced once per step (DDP's ``no_sync`` on the other
+micro-steps); with ``fsdp`` the model is sharded over the workers (medgpt.sharding) and the
+checkpoints are gathered into the same format. Rank 0 writes checkpoints and MLflow records;
+every rank calls ``ray.train.report`` at the same steps, because it is a barrier.
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ def use_compile(setting: bool | str, problem: str | None, is_main: bool) -> bool
     if problem is None:
         return True
     if setting == "required":
-        raise ConfigError(f"train.compile: required, but torch.compile cannot build here: {problem}")
+        raise ConfigError(
+            f"train.compile: required, but torch.compile cannot build here: {problem}"
+        )
     if is_main:
         print(
             f"medgpt: warning: torch.compile is off for this run: {problem}; training runs eager "
@@ -371,8 +374,9 @@ def run_loop(
     """The loop itself, independent of Ray Train: ``report`` receives metrics and the
     checkpoint folder rank 0 wrote (it owns the folder's parent and must delete it);
     ``checkpoint`` is anything with ``as_directory()``; ``wrap`` turns the model into its
-    data-parallel form when ``ctx.world > 1`` (default: Ray Train's ``prepare_model``; plain
-    DDP for torchrun). Yields each reported metrics dict.
+    DDP form when ``ctx.world > 1`` (default: Ray Train's ``prepare_model``; plain DDP for
+    torchrun; unused with ``job.strategy: fsdp``, which shards over the default process group).
+    Yields each reported metrics dict.
     """
 
     tc = recipe.train
@@ -387,47 +391,64 @@ def run_loop(
         tc.data_dir, "val", tc.seq_len, tc.micro_batch_size, ctx.rank, ctx.world, tc.seed
     )
     manifest_hash = train_loader.shards.manifest["content_hash"]
-    optimizer = configure_optimizer(
-        model,
-        tc.lr,
-        tc.weight_decay,
-        (tc.beta1, tc.beta2),
-        fused=ctx.device.type in ("cpu", "cuda"),
-    )
     step, tokens_seen, best_val = 0, 0, float("inf")
+    state: dict[str, Any] | None = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             restored = load_model(d, dropout=recipe.model.dropout)
             if restored.config != model.config:
                 raise CheckpointError(f"{d}: model shape differs from this run's recipe")
             model.load_state_dict(restored.state_dict())
+            # The restored model's tensors were copied into ours: keeping them would hold a
+            # second copy in host memory for the whole run (~6 GB for gpt2-xl).
+            del restored
             state = load_train_state(d)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            train_loader.load_state_dict(state["loader"])
-            step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-            best_val = float(state.get("best_val_loss", best_val))
-            _set_rng_state(state["rng"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{d}: training state does not fit this run ({e})") from None
-        # The restored model's tensors were copied into ours, and on a GPU the optimizer state
-        # onto the device: keeping them would hold a second copy in host memory for the whole
-        # run (~19 GB for gpt2-xl's weights and Adam state).
-        del restored, state
+            resumed_from = d
     use_cuda = ctx.device.type == "cuda"
     if use_cuda:
         # fp32 matmuls outside autocast (the optimizer step, eval of fp32 parts) on tensor
         # cores; Ampere and later otherwise run them at full fp32 precision, several times slower.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if use_cuda and use_compile(tc.compile, compile_problem(), ctx.is_main):
+    sharded = ctx.world > 1 and recipe.job.strategy == "fsdp"
+    if sharded:
+        from medgpt import sharding
+
+        # Sharded before compiling, as FSDP2 asks; the optimizer is built over the shards.
+        model = sharding.shard(model, ctx.device)
+    if use_compile(tc.compile, compile_problem(), ctx.is_main):
         model = torch.compile(model)
-    if ctx.world > 1 and wrap is None:
+    raw: GPT = model if not hasattr(model, "_orig_mod") else model._orig_mod  # type: ignore[assignment]
+    if ctx.world > 1 and wrap is None and not sharded:
         import ray.train.torch
 
         wrap = ray.train.torch.prepare_model
-    ddp = wrap(model) if ctx.world > 1 and wrap is not None else model
-    raw: GPT = model if not hasattr(model, "_orig_mod") else model._orig_mod  # type: ignore[assignment]
+    ddp = wrap(model) if ctx.world > 1 and wrap is not None and not sharded else model
+    optimizer = configure_optimizer(
+        raw,
+        tc.lr,
+        tc.weight_decay,
+        (tc.beta1, tc.beta2),
+        fused=ctx.device.type in ("cpu", "cuda"),
+    )
+    if state is not None:
+        try:
+            if sharded:
+                sharding.load_optimizer_state(raw, optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
+            train_loader.load_state_dict(state["loader"])
+            step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+            best_val = float(state.get("best_val_loss", best_val))
+            _set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{resumed_from}: training state does not fit this run ({e})"
+            ) from None
+        # On a GPU the optimizer state was copied onto the device (and with fsdp only this
+        # rank's shard kept): the host copy would otherwise stay for the whole run (~13 GB of
+        # AdamW state for gpt2-xl).
+        state = None
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         # bf16 only on CUDA: these CPUs run bf16 matmuls far slower than fp32.
@@ -451,10 +472,11 @@ def run_loop(
             if use_cuda:  # a pinned source makes the copy asynchronous, as non_blocking asks
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            # Skip the gradient all-reduce on all but the last micro-step.
-            sync = (
-                ddp.no_sync() if (ctx.world > 1 and micro < accum - 1) else contextlib.nullcontext()
-            )
+            # DDP: skip the gradient all-reduce on all but the last micro-step. FSDP
+            # reduce-scatters every micro-step: holding whole gradients until the last one
+            # would cost the memory that sharding saves.
+            skip = ctx.world > 1 and not sharded and micro < accum - 1
+            sync = ddp.no_sync() if skip else contextlib.nullcontext()
             with sync:
                 with autocast():  # the forward only: backward runs in the forward's dtypes
                     _, loss = ddp(x, y)
@@ -490,18 +512,21 @@ def run_loop(
         if not (do_eval or step % tc.log_every == 0 or step == 1):
             tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
             continue
+        sampling = do_eval and bool(tc.sample_prompts and tc.sample_tokens)
+        # With fsdp no rank holds the whole model: checkpoints and samples need it gathered
+        # (a collective: every rank takes part, rank 0 receives it on its CPU).
+        # Gathered before evaluating: an FSDP root's weights stay unsharded after a forward
+        # without backward, and the optimizer state can then no longer be matched to them.
+        weights = sharding.full_model_state(raw) if sharded and (do_ckpt or sampling) else None
+        optimizer_state = (
+            sharding.full_optimizer_state(raw, optimizer) if sharded and do_ckpt else None
+        )
         if do_eval:
             val = evaluate(model, val_loader, tc.eval_batches, ctx, autocast)
             best_val = min(best_val, val)
             metrics.update(val_loss=val, val_perplexity=math.exp(min(val, 50.0)))
-            if ctx.is_main and tc.sample_prompts and tc.sample_tokens:
-                from medgpt.generation import complete
-
-                texts = [
-                    f"### {p}\n{complete(raw, p, tc.sample_tokens, seed=i)}\n"
-                    for i, p in enumerate(tc.sample_prompts)
-                ]
-                tracker.text("\n".join(texts), f"samples/step-{step:06d}.txt")
+            if ctx.is_main and sampling:
+                tracker.text(_samples(raw, weights, tc), f"samples/step-{step:06d}.txt")
         tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
         ckpt_dir = None
         if do_ckpt:
@@ -518,7 +543,7 @@ def run_loop(
                 "mlflow_run_id": tracker.run_id,
             }
             train_state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state if sharded else optimizer.state_dict(),
                 "loader": train_loader.state_dict(),
                 "step": step,
                 "tokens_seen": tokens_seen,
@@ -526,11 +551,31 @@ def run_loop(
                 "rng": _rng_state(),
             }
             ckpt_dir = save_checkpoint(
-                Path(tempfile.mkdtemp(prefix="medgpt-ckpt-")) / "checkpoint", raw, meta, train_state
+                Path(tempfile.mkdtemp(prefix="medgpt-ckpt-")) / "checkpoint",
+                raw,
+                meta,
+                train_state,
+                weights=weights,
             )
+        weights = optimizer_state = None  # rank 0's gathered copies, released before training
         report(metrics, ckpt_dir, step)
         yield metrics
     tracker.close()
+
+
+def _samples(model: GPT, weights: dict[str, torch.Tensor] | None, tc: TrainConfig) -> str:
+    """Completions of ``tc.sample_prompts`` from ``model``, or (fsdp) from a CPU copy made of
+    the gathered ``weights``: a sharded model runs only with every rank taking part."""
+    from medgpt.generation import complete
+
+    if weights is not None:
+        copy = GPT(model.config)
+        copy.load_state_dict(weights)
+        model = copy
+    return "\n".join(
+        f"### {p}\n{complete(model, p, tc.sample_tokens, seed=i)}\n"
+        for i, p in enumerate(tc.sample_prompts)
+    )
 
 
 def discard_report(metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:

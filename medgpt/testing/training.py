@@ -3,8 +3,10 @@ interrupted, a `medgpt train` driver in its own process, and what a run has regi
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 from medgpt.testing import REPO
 
-__all__ = ["LONG", "registered_steps", "start_driver", "tiny_recipe"]
+__all__ = ["LONG", "registered_steps", "run_on_gloo", "start_driver", "tiny_recipe"]
 
 # Overrides for a run long enough to stop, kill or shrink mid-way and still have steps left.
 LONG = {"train.max_steps": 24, "train.checkpoint_every": 6, "train.eval_every": 6}
@@ -74,3 +76,58 @@ def registered_steps(run_dir: Path) -> list[str]:
         return sorted(set(re.findall(r"step-\d{6}", snap.read_text())))
     except OSError:  # not written yet, or being replaced
         return []
+
+
+def _gloo_rank(rank: int, world: int, port: int, recipe: dict, out: str, resume: str | None):
+    """One rank of :func:`run_on_gloo` (a torch.multiprocessing entry: importable, top level)."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from medgpt.config import Recipe
+    from medgpt.training import _Ctx, run_loop
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    folder = Path(out)
+
+    class Checkpoint:
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield resume
+
+    def keep(metrics, checkpoint_dir, step) -> None:
+        if checkpoint_dir is not None:  # rank 0 only
+            shutil.copytree(checkpoint_dir, folder / f"step-{step:06d}")
+            shutil.rmtree(checkpoint_dir.parent)
+
+    try:
+        ctx = _Ctx(rank, world, torch.device("cpu"))
+        loop = run_loop(
+            Recipe.from_dict(recipe), ctx, None, Checkpoint() if resume else None, keep,
+            wrap=DistributedDataParallel,
+        )  # fmt: skip
+        history = list(loop)
+        if rank == 0:
+            (folder / "metrics.json").write_text(json.dumps(history))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo(
+    recipe: dict[str, Any], world: int, out: Path, resume: Path | None = None
+) -> list[dict[str, Any]]:
+    """``training.run_loop`` on ``world`` CPU processes joined by gloo, without Ray (plain
+    DDP, or FSDP as the recipe says): rank 0's checkpoints are copied to ``out/step-NNNNNN``;
+    returns rank 0's reported metrics. ``resume``: a checkpoint folder every rank starts from."""
+    import torch.multiprocessing as mp
+
+    from medgpt.testing import free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    args = (world, free_port(), recipe, str(out), str(resume) if resume else None)
+    mp.spawn(_gloo_rank, args=args, nprocs=world)
+    return json.loads((out / "metrics.json").read_text())
