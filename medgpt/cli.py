@@ -371,6 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "int8": args.int8,
         "num_gpus": args.num_gpus,
         "device": args.device,
+        "dtype": args.dtype,
     }
     deploy(args.config or DEFAULT_CONFIG, overrides, args.host, args.port)
     print("Ctrl-C stops", flush=True)
@@ -525,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=float, help="GPUs reserved per replica (0: CPU replica)")
     s.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="auto: cuda with --num-gpus, else cpu"
+    )
+    s.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and KV cache on the replica's device (float32); half needs --num-gpus",
     )
     s.add_argument("--host", help="HTTP host (127.0.0.1)")
     s.add_argument("--port", type=int, help="HTTP port (8000)")

@@ -26,6 +26,10 @@ multiplies a few rows by each weight matrix, a shape MKL runs on one core; see t
 The kernels are built and loaded by the thread that constructs the engine: construct it, warm
 it up and step it in one thread (one OpenMP pool).
 
+Any other device or dtype (a GPU replica's bfloat16 or float16 weights; bfloat16 on the CPU in
+tests) runs ``F.linear`` and SDPA with the KV cache in the weights' dtype; logits are sampled in
+float32 whatever it is.
+
 Sampling is per request: temperature (0 = greedy), top-k, top-p and a seed that drives that
 request's own generator, so the same seed and prompt give the same text whether the request
 ran alone or beside others. Text is streamed as it becomes valid UTF-8; stop strings are
@@ -118,6 +122,9 @@ def sample_batch(
     here, together 2.0 ms (``bench/serve_decode_step.py``)."""
     if logits.dim() != 2 or len(params) != logits.shape[0] or len(generators) != len(params):
         raise ValueError("sample_batch takes logits (B, V) and B params and generators")
+    # A bfloat16/float16 model's logits are sampled in float32 (softmax in float64), as a
+    # float32 model's are: the same arithmetic whatever the weights' dtype.
+    logits = logits.float()
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     if greedy:
@@ -127,7 +134,7 @@ def sample_batch(
     if drawn:
         rows = logits if len(drawn) == len(params) else logits[drawn]
         temps = [[params[i].temperature] for i in drawn]
-        scaled = rows.float() / torch.tensor(temps, dtype=torch.float32, device=rows.device)
+        scaled = rows / torch.tensor(temps, dtype=torch.float32, device=rows.device)
         for j, i in enumerate(drawn):
             if params[i].top_k or params[i].top_p < 1.0:
                 scaled[j] = filter_logits(scaled[j], params[i].top_k, params[i].top_p)
@@ -215,7 +222,9 @@ class Engine:
                 f"positions over the whole cache), or None for no limit; got {kv_cache_tokens!r}"
             )
         self.device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
+        # The cache is allocated in the weights' dtype (bfloat16 / float16 on a GPU replica);
+        # an int8 model's first parameter is its float32 embedding.
+        dtype = self.dtype = next(model.parameters()).dtype
         # The engine's own module tree over the caller's Parameters (no weight copied): its
         # eval() and swapped layers never reach the model it was handed, which a trainer may
         # still be training. The kernel's layers give F.linear's results to float32 rounding;
@@ -298,6 +307,7 @@ class Engine:
                 "cache_peak_bytes": self._cache_peak,  # also counts the overlap while resizing
                 "kv_cache_tokens": self.kv_cache_tokens,
                 "fast_linear": self.fast_linear,
+                "dtype": str(self.dtype).removeprefix("torch."),
             }
 
     # -- the step loop (one thread at a time) -----------------------------------------------

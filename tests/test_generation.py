@@ -3,6 +3,8 @@ continuous admission, stop strings, limits, cancellation, streaming text."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -13,7 +15,9 @@ from medgpt.generation import (
     SamplingParams,
     complete,
     filter_logits,
+    sample_batch,
 )
+from medgpt.kv_cache import SDPA
 from medgpt.model import GPT
 from medgpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -422,3 +426,95 @@ def test_the_serve_config_validates_the_budget() -> None:
     for bad in (0, -1, 2.5, "many"):
         with pytest.raises(ConfigError, match="kv_cache_tokens"):
             ServeConfig.from_dict({"kv_cache_tokens": bad})
+
+
+# --- weights in half precision (a GPU replica's dtype setting) -----------------------------
+# Production refuses half precision on a CPU replica (ServeConfig: these CPUs run it far slower
+# than float32); the Engine itself takes any dtype, which lets the CPU tests prove the plumbing
+# on the generic path (F.linear + SDPA) that a GPU replica runs.
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_weights_decode_with_a_cache_of_their_dtype(model, dtype) -> None:
+    half = copy.deepcopy(model).to(dtype=dtype)
+    assert half.lm_head.weight is half.transformer.wte.weight  # still tied after the cast
+    engine = Engine(half, max_batch_size=2, initial_cache_len=4)
+    assert not engine.fast_linear and engine.decode_backend is SDPA  # the kernels are fp32
+    assert engine.stats()["dtype"] == str(dtype).removeprefix("torch.")
+    assert all(t.dtype == dtype for t in (*engine.cache.k, *engine.cache.v))
+    # The fixture's model has clear greedy winners (top-2 margins >= 0.27 against half
+    # rounding of <= 0.03 here): its tokens are the float32 model's.
+    ref = Engine(model, max_batch_size=1)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    for i, prompt in enumerate(PROMPTS[:4]):
+        engine.submit(f"r{i}", prompt, params)
+    events, seen = _drain_watching(engine)
+    for i, prompt in enumerate(PROMPTS[:4]):
+        assert _tokens(events[f"r{i}"]) == ref.generate(prompt, params)["token_ids"], prompt
+    # The cache grew (from 4 positions) and shrank in the weights' dtype: half fp32's bytes.
+    assert max(st["cache_positions"] for st in seen) > 4
+    for st in seen:
+        assert (
+            st["cache_bytes"] == st["cache_rows"] * st["cache_positions"] * BYTES_PER_POSITION // 2
+        )
+    assert all(t.dtype == dtype for t in (*engine.cache.k, *engine.cache.v))
+    # Seeded sampling works on half logits and stays reproducible.
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=4)
+    a, b = engine.generate("Asthma", sampled), engine.generate("Asthma", sampled)
+    assert a == b and len(a["token_ids"]) >= 1
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_logits_follow_float32_within_rounding(dtype, monkeypatch) -> None:
+    """Every step's logits of a batch decoded in half precision (rows at different positions,
+    prompts prefilled into the cache) against the float32 model's full recompute of the same
+    tokens: equal to half rounding. A wrong cache row or position would be off by far more."""
+    torch.manual_seed(0)
+    ref = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=96))
+    with torch.no_grad():  # varied greedy tokens and sampled text, not one repeated token
+        ref.transformer.wte.weight.mul_(2)
+        ref.transformer.wpe.weight.mul_(4)
+    ref.eval()
+    half = copy.deepcopy(ref).to(dtype=dtype)
+    steps: list[tuple[list[int], torch.Tensor]] = []
+    advance = Engine._advance_all
+
+    def spy(self, seqs, logits):
+        steps.extend(
+            (s.prompt + s.generated, row.clone()) for s, row in zip(seqs, logits, strict=True)
+        )
+        return advance(self, seqs, logits)
+
+    monkeypatch.setattr(Engine, "_advance_all", spy)
+    engine = Engine(half, max_batch_size=3)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.submit(f"r{i}", prompt, SamplingParams(max_new_tokens=10, temperature=0.8, seed=i))
+    events = _drain(engine)
+    assert len({t for i in range(3) for t in _tokens(events[f"r{i}"])}) > 5
+    assert len(steps) >= 3 * 5
+    worst = 0.0
+    with torch.no_grad():
+        for context, logits in steps:
+            assert logits.dtype == dtype  # the forward ran in half
+            full = ref(torch.tensor([context]))[0][0, -1]
+            worst = max(worst, float((logits.float() - full).abs().max() / full.abs().max()))
+    assert worst < 0.03, worst  # measured here: 0.008 (bfloat16), 0.001 (float16)
+
+
+def test_half_logits_are_sampled_as_their_float32_values() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(4, 300) * 4
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, top_k=20),
+        SamplingParams(temperature=1.3, top_p=0.8),
+        SamplingParams(temperature=1.0),
+    ]
+
+    def gens() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(i) for i in range(4)]
+
+    for dtype in HALF:
+        low = logits.to(dtype)
+        assert sample_batch(low, params, gens()) == sample_batch(low.float(), params, gens())

@@ -9,6 +9,7 @@ import yaml
 from medgpt.cli import main
 from medgpt.errors import ConfigError
 from medgpt.serving import DEFAULT_CONFIG, ServeConfig, load_serve_file
+from medgpt.testing import own_lines
 
 CONFIG = DEFAULT_CONFIG
 
@@ -94,7 +95,7 @@ def test_serve_with_a_bad_checkpoint_exits_2(flags, message, tmp_path, capsys, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rc = main(["serve", *flags, "--storage-path", str(tmp_path)])
     err = capsys.readouterr().err
-    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert rc == 2 and message in err and len(own_lines(err)) == 1, err
 
 
 def test_serve_with_bad_args_in_the_config_exits_2(tmp_path, capsys) -> None:
@@ -104,14 +105,14 @@ def test_serve_with_bad_args_in_the_config_exits_2(tmp_path, capsys) -> None:
     bad.write_text(yaml.safe_dump(raw))
     assert main(["serve", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "max_batch" in err and len(err.strip().splitlines()) == 1, err
+    assert "max_batch" in err and len(own_lines(err)) == 1, err
 
 
 def test_demo_with_a_bad_checkpoint_exits_2_before_starting_anything(tmp_path, capsys) -> None:
     rc = main(["demo", "--checkpoint", str(tmp_path / "nope"), "--storage", str(tmp_path)])
     captured = capsys.readouterr()
     assert rc == 2 and "no such checkpoint" in captured.err, captured
-    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert len(own_lines(captured.err)) == 1, captured.err
 
 
 @pytest.mark.parametrize(
@@ -136,3 +137,85 @@ def test_serve_refuses_int8_on_a_gpu_before_deploying(capsys) -> None:
     assert main(["serve", "--int8", "--num-gpus", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "int8: the weight-only int8 linears run on CPU only" in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"dtype": "float64"}, "args.dtype: 'float64' (allowed: float32, bfloat16, float16)"),
+        ({"dtype": "bf16"}, "args.dtype: 'bf16' (allowed: float32, bfloat16, float16)"),
+        ({"dtype": 16}, "args.dtype: expected str"),
+        # Half precision on a CPU replica: no GPU reserved, or the CPU chosen beside one.
+        ({"dtype": "bfloat16"}, "args.dtype: bfloat16 on a CPU replica (num_gpus 0 or device cpu)"),
+        ({"dtype": "float16"}, "args.dtype: float16 on a CPU replica"),
+        ({"dtype": "bfloat16", "num_gpus": 1, "device": "cpu"}, "bfloat16 on a CPU replica"),
+        ({"dtype": "bfloat16", "int8": True}, "args.dtype: bfloat16 with int8: int8 replaces"),
+        ({"dtype": "float16", "int8": True}, "args.dtype: float16 with int8"),
+        # int8 on a GPU is refused as before, whatever the dtype.
+        ({"dtype": "bfloat16", "int8": True, "num_gpus": 1}, "int8: the weight-only int8 linears"),
+    ],
+)
+def test_bad_dtypes_name_the_key_and_what_to_do(tmp_path, args, message) -> None:
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["applications"][0]["args"].update(args)
+    bad = tmp_path / "serve.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_serve_file(bad)
+    assert str(e.value).startswith(f"{bad}: ") and message in str(e.value), e.value
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_the_cpu_refusal_of_half_dtypes_says_why_and_what_instead() -> None:
+    with pytest.raises(ConfigError) as e:
+        ServeConfig(dtype="bfloat16")
+    msg = str(e.value)
+    assert "far slower than float32" in msg and "CPU decode kernels are float32" in msg
+    assert "use dtype float32" in msg and "num_gpus > 0" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {},
+        {"dtype": "float32", "int8": True},
+        {"dtype": "bfloat16", "num_gpus": 1},
+        {"dtype": "float16", "num_gpus": 0.5, "device": "cuda:0"},
+        {"dtype": "bfloat16", "num_gpus": 1, "device": "cuda"},
+    ],
+)
+def test_good_dtypes_are_accepted(args) -> None:
+    cfg = ServeConfig.from_dict(args)
+    assert cfg.dtype == args.get("dtype", "float32")
+    assert cfg.to_dict()["dtype"] == cfg.dtype
+
+
+def test_the_config_file_serves_float32() -> None:
+    raw = yaml.safe_load(CONFIG.read_text())
+    assert raw["applications"][0]["args"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dtype", "bfloat16"], "args.dtype: bfloat16 on a CPU replica"),
+        (["--dtype", "float16", "--device", "cpu"], "args.dtype: float16 on a CPU replica"),
+        (["--dtype", "bfloat16", "--num-gpus", "1", "--device", "cpu"], "on a CPU replica"),
+        (["--dtype", "bfloat16", "--int8"], "args.dtype: bfloat16 with int8"),
+        (["--dtype", "float16", "--int8", "--num-gpus", "1"], "int8: the weight-only int8"),
+    ],
+)
+def test_serve_refuses_bad_dtypes_before_deploying(flags, message, capsys) -> None:
+    """Checked with the serve file, before Ray starts: one line, exit 2."""
+    assert main(["serve", *flags]) == 2
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1 and message in err[0], err
+    assert err[0].startswith("medgpt serve: error: "), err
+
+
+def test_serve_dtype_flag_takes_only_the_known_dtypes(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--dtype", "float64"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype: invalid choice: 'float64'" in err and "bfloat16" in err, err

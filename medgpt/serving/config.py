@@ -17,6 +17,7 @@ from medgpt.api import DEFAULT_MAX_TOKENS_CAP
 from medgpt.config import ConfigError, from_mapping
 
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -40,6 +41,9 @@ class ServeConfig:
     int8: bool = False  # weight-only int8 linears (CPU); see docs/benchmarks.md for its loss cost
     fast_linear: bool = True  # float32 on CPU: medgpt's decode kernels
     device: str = "auto"
+    # The weights' and KV cache's dtype on the replica's device (the checkpoint stays float32
+    # on disk; sampling is float32 whatever this is). Half precision on a GPU only.
+    dtype: str = "float32"
     # --- the deployment (Ray Serve options of the replica) ---
     num_cpus: float = 2.0
     num_gpus: float = 0.0
@@ -82,6 +86,24 @@ class ServeConfig:
             not (self.int8 and (self.num_gpus > 0 or self.device.startswith("cuda"))),
             "int8: the weight-only int8 linears run on CPU only; drop int8 to serve on a GPU "
             "(num_gpus > 0 / device cuda), or serve int8 with num_gpus 0",
+        )
+        _require(
+            self.dtype in DTYPES,
+            f"dtype: {self.dtype!r} (allowed: {', '.join(DTYPES)})",
+        )
+        half = self.dtype != "float32"
+        _require(
+            not (half and self.int8),
+            f"dtype: {self.dtype} with int8: int8 replaces the linears with int8 weights (a CPU "
+            "path) and keeps the rest float32; use int8 with dtype float32 on the CPU, or a "
+            "half dtype without int8 on a GPU",
+        )
+        _require(
+            not (half and self.replica_device() == "cpu"),
+            f"dtype: {self.dtype} on a CPU replica (num_gpus 0 or device cpu): these CPUs run "
+            "half-precision matmuls far slower than float32 and medgpt's CPU decode kernels "
+            "are float32; on the CPU use dtype float32 (with int8 for more speed), or reserve a "
+            "GPU (num_gpus > 0, --num-gpus) for a half dtype",
         )
         _require(
             self.max_ongoing_requests is None or self.max_ongoing_requests >= 1,

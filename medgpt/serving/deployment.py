@@ -119,6 +119,27 @@ def _actor_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def load_replica_model(path: str, device: str, dtype: str = "float32", int8: bool = False) -> Any:
+    """The replica's model: the checkpoint's float32 weights loaded on ``device``
+    (:func:`medgpt.checkpoint.resolve_device`'s names), cast there to ``dtype`` (a
+    ``torch`` dtype's name; the file stays float32), then int8 linears if asked for.
+    :class:`ServeConfig` decides which combinations a replica may use; this does what it is
+    told (tests run bfloat16 on the CPU through it)."""
+    import torch
+
+    from medgpt import checkpoint
+
+    model = checkpoint.load_model(path, device=checkpoint.resolve_device(device))
+    if dtype != "float32":
+        # In place on the device: the tied head stays the token embedding.
+        model = model.to(dtype=getattr(torch, dtype))
+    if int8:
+        from medgpt.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    return model
+
+
 # Options (CPUs, request limit, replicas) come from the serve config through
 # ServeConfig.deployment_options, applied by medgpt.serving.build_app.
 @serve.deployment
@@ -175,6 +196,8 @@ class MedgptServer:
             "context_length": self.context,
             "int8": cfg.int8,
             "fast_linear": self.engine.fast_linear,
+            "device": str(self.engine.device),
+            "dtype": cfg.dtype,
         }
 
     def _engine_thread(self, path: str, ready: "Future[Any]") -> None:
@@ -183,17 +206,9 @@ class MedgptServer:
         try:
             import torch
 
-            from medgpt import checkpoint
-
             cfg = self.cfg
             torch.set_num_threads(cfg.threads or _actor_cpus())  # Ray sets OMP_NUM_THREADS=1
-            model = checkpoint.load_model(
-                path, device=checkpoint.resolve_device(cfg.replica_device())
-            )
-            if cfg.int8:
-                from medgpt.quantize import quantize_int8
-
-                model = quantize_int8(model)
+            model = load_replica_model(path, cfg.replica_device(), cfg.dtype, cfg.int8)
             self.engine = Engine(
                 model,
                 cfg.max_batch_size,
