@@ -208,20 +208,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Per-GPU training memory of a recipe on a GPU type (medgpt.plan); exit 2 if it cannot fit."""
     from medgpt.errors import ConfigError
-    from medgpt.plan import describe
+    from medgpt.plan import describe, fit_advice
     from medgpt.training import resolve_model_config
 
+    if args.table:
+        from medgpt.plan import preset_table
+
+        print(preset_table())
+        return 0
+    if not args.gpu:
+        raise ConfigError("--gpu: required (or --table for every GPT-2 size on 24/40/80 GB cards)")
     recipe = _load_recipe(args)
     tc = recipe.train
     text, fits = describe(
         resolve_model_config(recipe), tc.micro_batch_size, tc.seq_len,
-        tc.activation_checkpointing, args.gpu,
+        tc.activation_checkpointing, args.gpu, recipe.job.strategy, recipe.job.num_workers,
     )  # fmt: skip
     print(text)
     if not fits:
         raise ConfigError(
             f"train.micro_batch_size: {tc.micro_batch_size} x {tc.seq_len} does not fit on "
-            f"{args.gpu} (table above): lower it, or set train.activation_checkpointing: true"
+            f"{args.gpu} (table above): {fit_advice(recipe)}"
         )
     return 0
 
@@ -575,7 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(pl)
     from medgpt.plan import GPUS_MIB
 
-    pl.add_argument("--gpu", required=True, choices=list(GPUS_MIB), help="the GPU type")
+    pl.add_argument("--gpu", choices=list(GPUS_MIB), help="the GPU type")
+    pl.add_argument(
+        "--table",
+        action="store_true",
+        help="the largest micro-batch of gpt2 ... gpt2-xl on 24/40/80 GB cards, every setting",
+    )
     pl.set_defaults(func=cmd_plan)
     st = sub.add_parser(
         "stack",

@@ -313,6 +313,53 @@ def fit_and_record(
     return summary
 
 
+def gpu_types() -> dict[str, str]:
+    """The GPU types of the alive nodes with GPUs, as Ray labels them (its
+    ``accelerator_type:NAME`` resources), each with the first node address that has it."""
+    import ray
+
+    found: dict[str, str] = {}
+    for node in ray.nodes():
+        if not node.get("Alive") or not node["Resources"].get("GPU"):
+            continue
+        for key in node["Resources"]:
+            if key.startswith("accelerator_type:"):
+                found.setdefault(key.split(":", 1)[1], node["NodeManagerAddress"])
+    return found
+
+
+def check_fit(recipe: Recipe) -> None:
+    """Refuse a GPU run whose per-GPU training memory (medgpt.plan) exceeds the smallest GPU
+    type of the cluster: it would die of CUDA out-of-memory at its first step, after the
+    cluster has started and loaded everything. Types the planner has no figures for are
+    named and not checked."""
+    from medgpt import plan
+    from medgpt.training import resolve_model_config
+
+    if not recipe.job.use_gpu:
+        return
+    types = gpu_types()
+    known = {t: plan.RAY_ACCELERATOR_TYPES[t] for t in types if t in plan.RAY_ACCELERATOR_TYPES}
+    unknown = sorted(set(types) - set(known))
+    if unknown or not types:
+        print(
+            f"medgpt train: GPU memory not checked for {', '.join(unknown) or 'unlabelled GPUs'} "
+            f"(medgpt plan knows {', '.join(plan.GPUS_MIB)})",
+            flush=True,
+        )
+    if not known:
+        return
+    gpu = min(known.values(), key=plan.GPUS_MIB.__getitem__)
+    try:
+        config = resolve_model_config(recipe)
+    except (MedgptError, OSError) as e:  # the workers will report it where they load it
+        print(f"medgpt train: GPU memory not checked: {e}", flush=True)
+        return
+    problem = plan.fit_problem(recipe, config, gpu)
+    if problem:
+        raise ConfigError(problem)
+
+
 def train(recipe: Recipe) -> TrainResult:
     """Run (or resume) the training run ``recipe.job.name``."""
     from medgpt import preflight, tracking
@@ -322,6 +369,7 @@ def train(recipe: Recipe) -> TrainResult:
     job = recipe.job
     connect_ray(recipe)
     check_capacity(recipe)
+    check_fit(recipe)
     uri = tracking.tracking_uri_for(job.storage_path, job.mlflow_tracking_uri)
     preflight.check_cluster(job.storage_path, uri, "job.storage_path")
     run_id, resumed = tracking.start_or_resume_run(

@@ -2,11 +2,16 @@
 
 Data-parallel training (DDP) keeps on every GPU: fp32 weights, their fp32 gradients, AdamW's two
 fp32 moments, DDP's gradient buckets (a second gradient copy: medgpt does not use
-``gradient_as_bucket_view``), and the activations autograd saves for backward. The activation
-model counts what a GPT-2 block saves per token: 17 values of width ``n_embd`` (the two
-LayerNorm inputs, the attention's input, q/k/v and output, the MLP's input, its 4x-wide hidden
-state before and after GELU), of which the LayerNorm inputs stay fp32 under bf16 autocast and
-the rest are bf16; plus the head's logits, their fp32 log-softmax and, in backward, their
+``gradient_as_bucket_view``), and the activations autograd saves for backward. Sharded training
+(``job.strategy: fsdp``, medgpt.sharding) keeps 1/W of the weights, gradients and moments over W
+workers, plus what it gathers: the root unit (embeddings, tied head, last LayerNorm) and two
+blocks' weights at a time (the one running and the one prefetched), and the whole gradients of
+the root and of one block before they are reduce-scattered.
+
+The activation model counts what a GPT-2 block saves per token: 17 values of width ``n_embd``
+(the two LayerNorm inputs, the attention's input, q/k/v and output, the MLP's input, its 4x-wide
+hidden state before and after GELU), of which the LayerNorm inputs stay fp32 under bf16 autocast
+and the rest are bf16; plus the head's logits, their fp32 log-softmax and, in backward, their
 gradient. With activation checkpointing a block keeps only its fp32 input, and one block at a
 time is recomputed. tests/test_plan.py checks the activation figure against what autograd
 really saves (fp32, CPU) within 20%.
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from medgpt.config import ModelConfig
+from medgpt.config import ModelConfig, Recipe
 from medgpt.errors import ConfigError
 from medgpt.model import count_params
 
@@ -28,7 +33,19 @@ GPUS_MIB = {
     "A100-40GB": 40960,
     "A100-80GB": 81920,
     "H100-80GB": 81559,
+    "H200-141GB": 143771,
 }
+# Ray's accelerator_type resource names (ray.util.accelerators) for the cards above.
+RAY_ACCELERATOR_TYPES = {
+    "A10G": "A10G",
+    "L4": "L4",
+    "L40S": "L40S",
+    "A100-40G": "A100-40GB",
+    "A100-80G": "A100-80GB",
+    "H100": "H100-80GB",
+    "H200": "H200-141GB",
+}
+STRATEGIES = ("ddp", "fsdp")
 # What the CUDA context, cuBLAS/NCCL workspaces and the caching allocator's fragmentation take
 # before a tensor of ours: a fixed part and a share of the card.
 RESERVED_MIB = 1536
@@ -75,6 +92,7 @@ class MemoryPlan:
     params: int
     micro_batch: int
     checkpointing: bool
+    strategy: str
     parts: dict[str, int]
 
     @property
@@ -82,71 +100,179 @@ class MemoryPlan:
         return sum(self.parts.values())
 
 
+def _unit_params(config: ModelConfig) -> tuple[int, int]:
+    """Parameters of one block and of the root unit (everything outside the blocks)."""
+
+    def with_layers(n: int) -> int:
+        return count_params(ModelConfig(**{**config.__dict__, "n_layer": n}), False)
+
+    block = with_layers(2) - with_layers(1)
+    return block, with_layers(config.n_layer) - config.n_layer * block
+
+
 def memory_plan(
-    config: ModelConfig, micro_batch: int, seq_len: int, checkpointing: bool, mixed: bool = True
+    config: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    mixed: bool = True,
+    strategy: str = "ddp",
+    workers: int = 1,
 ) -> MemoryPlan:
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"job.strategy: {strategy!r} (allowed: {', '.join(STRATEGIES)})")
     p = count_params(config, non_embedding=False)
+    shard = 1 if strategy == "ddp" else max(1, workers)
     parts = {
-        "weights (fp32)": 4 * p,
-        "gradients (fp32)": 4 * p,
-        "AdamW moments (fp32)": 8 * p,
-        "DDP gradient buckets": 4 * p,
-        f"activations (micro-batch {micro_batch} x {seq_len})": activation_bytes(
-            config, micro_batch, seq_len, mixed, checkpointing
-        ),
+        "weights (fp32)": 4 * p // shard,
+        "gradients (fp32)": 4 * p // shard,
+        "AdamW moments (fp32)": 8 * p // shard,
     }
-    return MemoryPlan(p, micro_batch, checkpointing, parts)
+    if strategy == "ddp":
+        parts["DDP gradient buckets"] = 4 * p
+    else:
+        block, root = _unit_params(config)
+        parts["FSDP gathered weights and gradients"] = 4 * (root + 2 * block) + 4 * (root + block)
+    parts[f"activations (micro-batch {micro_batch} x {seq_len})"] = activation_bytes(
+        config, micro_batch, seq_len, mixed, checkpointing
+    )
+    return MemoryPlan(p, micro_batch, checkpointing, strategy, parts)
 
 
 def largest_micro_batch(
-    config: ModelConfig, seq_len: int, checkpointing: bool, budget: int, limit: int = 4096
+    config: ModelConfig,
+    seq_len: int,
+    checkpointing: bool,
+    budget: int,
+    strategy: str = "ddp",
+    workers: int = 1,
+    limit: int = 4096,
 ) -> int:
     """The largest micro-batch whose plan fits ``budget`` bytes (0: not even one sequence)."""
     best = 0
     lo, hi = 1, limit
     while lo <= hi:
         mid = (lo + hi) // 2
-        if memory_plan(config, mid, seq_len, checkpointing).total <= budget:
+        if (
+            memory_plan(config, mid, seq_len, checkpointing, True, strategy, workers).total
+            <= budget
+        ):
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
     return best
 
 
+SETTINGS = [(s, ck) for s in STRATEGIES for ck in (False, True)]
+
+
+def _heading(strategy: str, checkpointing: bool) -> str:
+    return f"{strategy}{' + ckpt' if checkpointing else ''}"
+
+
 def describe(config: ModelConfig, micro_batch: int, seq_len: int, checkpointing: bool,
-             gpu: str) -> tuple[str, bool]:  # fmt: skip
-    """The planner's report and whether the recipe's own setting fits."""
+             gpu: str, strategy: str = "ddp", workers: int = 1) -> tuple[str, bool]:  # fmt: skip
+    """The planner's report (every strategy, with and without activation checkpointing) and
+    whether the recipe's own setting fits."""
     budget = usable_bytes(gpu)
-    plans = {ck: memory_plan(config, micro_batch, seq_len, ck) for ck in (False, True)}
-    mark = {ck: " *" if ck == checkpointing else "" for ck in (False, True)}
+    plans = {
+        (st, ck): memory_plan(config, micro_batch, seq_len, ck, True, st, workers)
+        for st, ck in SETTINGS
+    }
+    mine = (strategy, checkpointing)
+    width = 16
+    head = "".join(f"{_heading(*key) + (' *' if key == mine else ''):>{width}}" for key in SETTINGS)
     lines = [
         f"model: {count_params(config, non_embedding=False) / 1e6:,.1f}M parameters "
-        f"({config.n_layer} layers x {config.n_embd}); bf16 autocast, DDP; per GPU",
+        f"({config.n_layer} layers x {config.n_embd}); bf16 autocast; per GPU, {workers} "
+        f"worker(s) (fsdp shards over them)",
         f"{gpu}: {GPUS_MIB[gpu]:,} MiB, {budget / GIB:.1f} GiB usable "
         f"(less {RESERVED_MIB} MiB and {RESERVED_SHARE:.0%} for CUDA and the allocator)",
         "",
-        f"{'part':<42}{'no recompute' + mark[False]:>16}{'act. checkpointing' + mark[True]:>22}",
+        f"{'GiB':<40}{head}",
     ]
-    for name in plans[False].parts:
-        a, b = plans[False].parts[name], plans[True].parts[name]
-        lines.append(f"{name:<42}{a / GIB:>12.2f} GiB{b / GIB:>18.2f} GiB")
+    names = list(dict.fromkeys(n for plan in plans.values() for n in plan.parts))
+    names.sort(key=lambda n: n.startswith("activations"))  # the parts that scale, last
+    for name in names:
+        cells = "".join(
+            f"{plans[key].parts[name] / GIB:>{width}.2f}" if name in plans[key].parts
+            else f"{'-':>{width}}"
+            for key in SETTINGS
+        )  # fmt: skip
+        lines.append(f"{name:<40}{cells}")
     lines.append(
-        f"{'total':<42}{plans[False].total / GIB:>12.2f} GiB{plans[True].total / GIB:>18.2f} GiB"
+        f"{'total':<40}" + "".join(f"{plans[k].total / GIB:>{width}.2f}" for k in SETTINGS)
     )
     lines.append(
-        f"{'largest micro-batch that fits':<42}"
-        f"{largest_micro_batch(config, seq_len, False, budget):>16}"
-        f"{largest_micro_batch(config, seq_len, True, budget):>22}"
+        f"{'largest micro-batch that fits':<40}"
+        + "".join(
+            f"{largest_micro_batch(config, seq_len, ck, budget, st, workers):>{width}}"
+            for st, ck in SETTINGS
+        )
     )
-    mine = plans[checkpointing]
-    fits = mine.total <= budget
+    total = plans[mine].total
+    fits = total <= budget
     lines += [
-        "(* the recipe's train.activation_checkpointing)",
+        "(* the recipe's job.strategy and train.activation_checkpointing)",
         "",
-        f"fits: micro-batch {micro_batch} x {seq_len} uses {mine.total / GIB:.1f} of "
+        f"fits: micro-batch {micro_batch} x {seq_len} uses {total / GIB:.1f} of "
         f"{budget / GIB:.1f} GiB"
         if fits
-        else f"does not fit: micro-batch {micro_batch} x {seq_len} needs {mine.total / GIB:.1f} "
+        else f"does not fit: micro-batch {micro_batch} x {seq_len} needs {total / GIB:.1f} "
         f"GiB, {budget / GIB:.1f} usable",
     ]
     return "\n".join(lines), fits
+
+
+def fit_advice(recipe: Recipe) -> str:
+    """What would make a recipe that does not fit fit, in the recipe's own keys."""
+    ways = ["lower train.micro_batch_size (train.batch_tokens stays: more accumulation)"]
+    if not recipe.train.activation_checkpointing:
+        ways.append("set train.activation_checkpointing: true")
+    if recipe.job.strategy == "ddp":
+        ways.append("set job.strategy: fsdp (with more job.num_workers to shard over)")
+    return ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
+
+
+def fit_problem(recipe: Recipe, config: ModelConfig, gpu: str) -> str | None:
+    """Why ``recipe`` (training the shape ``config``) cannot fit on ``gpu``, or None."""
+    tc, job = recipe.train, recipe.job
+    need = memory_plan(
+        config, tc.micro_batch_size, tc.seq_len, tc.activation_checkpointing, True,
+        job.strategy, job.num_workers,
+    ).total  # fmt: skip
+    budget = usable_bytes(gpu)
+    if need <= budget:
+        return None
+    return (
+        f"train.micro_batch_size: {tc.micro_batch_size} x {tc.seq_len} needs {need / GIB:.1f} GiB "
+        f"per GPU with job.strategy {job.strategy}, {gpu} has {budget / GIB:.1f} usable: "
+        f"{fit_advice(recipe)}; `medgpt plan --config RECIPE --gpu {gpu}` shows the parts"
+    )
+
+
+TABLE_GPUS = ("A10G", "A100-40GB", "A100-80GB")  # 24, 40 and 80 GB cards
+
+
+def preset_table(workers: int = 8, seq_len: int = 1024) -> str:
+    """The largest micro-batch of each GPT-2 size on 24/40/80 GB cards, every setting (a
+    Markdown table, as docs/cluster.md has it; 0 = does not fit)."""
+
+    lines = [
+        f"Largest micro-batch of {seq_len} tokens per GPU (0: does not fit); fsdp over "
+        f"{workers} GPUs; bf16 autocast, AdamW.",
+        "",
+        "| model | GPU | " + " | ".join(_heading(*k) for k in SETTINGS) + " |",
+        "|---|---|" + "---:|" * len(SETTINGS),
+    ]
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        config = ModelConfig.preset(name, block_size=seq_len)
+        size = f"{name} ({count_params(config, non_embedding=False) / 1e6:,.0f}M)"
+        for gpu in TABLE_GPUS:
+            budget = usable_bytes(gpu)
+            cells = [
+                str(largest_micro_batch(config, seq_len, ck, budget, st, workers))
+                for st, ck in SETTINGS
+            ]
+            lines.append(f"| {size} | {gpu} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
