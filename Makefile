@@ -11,7 +11,7 @@ STAMP := $(VENV)/.medgpt-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart demo test test-fast lint bench clean
+.PHONY: setup quickstart demo test test-fast lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
+
+# The GPU check (bench/gpu_check.py, docs/benchmarks.md): CUDA tests, 124M training (DDP, FSDP),
+# the gpt2-xl plan, decode vs HF generate and a GPU Serve replica, against their targets; a few
+# minutes on one GPU, exit 1 if a step failed. GPU_CHECK_ARGS=--cpu checks the plumbing on a CPU.
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
