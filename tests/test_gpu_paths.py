@@ -112,3 +112,36 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch) -> None:
     assert loss_a == loss_b
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_training_agrees_with_eager(icd_data, tmp_path) -> None:
+    """train.compile on the CPU (inductor's C++, the build tools the GPU path needs too): the
+    same losses as eager within float rounding of its fused kernels, and really compiled."""
+    import torch._dynamo
+
+    from medgpt.config import Recipe
+    from medgpt.testing.training import tiny_recipe
+    from medgpt.training import discard_report, local_context, run_loop
+
+    if training.compile_problem():
+        pytest.skip(training.compile_problem())
+    torch.set_num_threads(1)
+    runs = {}
+    for setting in (False, True):
+        recipe = tiny_recipe(
+            icd_data, tmp_path, f"compile-{setting}",
+            **{"job.num_workers": 1, "train.compile": setting, "train.max_steps": 4,
+               "train.eval_every": 2, "train.checkpoint_every": 4, "train.sample_tokens": 0},
+        )  # fmt: skip
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        runs[setting] = list(
+            run_loop(Recipe.from_dict(recipe), local_context(), None, None, discard_report)
+        )
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == setting, graphs
+    for eager, compiled in zip(runs[False], runs[True], strict=True):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in eager:
+                assert compiled[key] == pytest.approx(eager[key], rel=1e-4), (eager["step"], key)

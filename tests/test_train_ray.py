@@ -107,6 +107,45 @@ def test_two_workers_equal_one_worker_with_accumulation(reference, icd_data, sto
     )
 
 
+def test_fsdp_run_trains_as_the_ddp_run_and_its_checkpoint_serves_as_any(
+    reference, icd_data, storage, tmp_path
+) -> None:
+    """job.strategy: fsdp through Ray Train (gloo, 2 workers): the DDP run's trajectory, and
+    a checkpoint that evaluates, registers and exports like the DDP one (tests/test_sharding.py
+    covers its resume)."""
+    from medgpt.checkpoint import load_model, serving_sha256
+    from medgpt.cli import main
+    from medgpt.hf import save_hf_gpt2
+    from medgpt.registry import fetch_registered
+
+    recipe = tiny_recipe(icd_data, storage, "fsdp", **{"job.strategy": "fsdp"})
+    fsdp = train(Recipe.from_dict(recipe))
+    assert fsdp.final_step == 6 and fsdp.best_checkpoint.endswith("step-000006")
+    for key in ("loss", "val_loss"):
+        a, b = _history(fsdp, key), _history(reference, key)
+        assert sorted(a) == sorted(b)
+        for step in a:
+            assert a[step] == pytest.approx(b[step], rel=1e-5), (key, step)
+    a, b = _weights(fsdp.best_checkpoint), _weights(reference.best_checkpoint)
+    assert sorted(a) == sorted(b)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    registry = tmp_path / "registry"
+    rc = main(
+        ["evaluate", "--quiet", "--checkpoint", fsdp.best_checkpoint, "--data", str(icd_data),
+         "--storage", str(registry), "--max-loss", "20", "--register", "--out",
+         str(tmp_path / "report")]
+    )  # fmt: skip
+    assert rc == 0
+    folder, _ = fetch_registered(
+        f"sqlite:///{registry / 'mlflow.db'}", "models:/medgpt@champion", tmp_path / "cache"
+    )
+    assert serving_sha256(folder) == serving_sha256(fsdp.best_checkpoint)
+    save_hf_gpt2(load_model(folder), tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
 def test_more_workers_than_the_cluster_has_is_refused(ray_cluster, icd_data, storage) -> None:
     recipe = Recipe.from_dict(
         tiny_recipe(
