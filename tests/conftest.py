@@ -53,7 +53,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import ray
 
     ray.shutdown()
-    stop_test_clusters(marker=str(temp_dir).encode())
+    # The session is over and nothing of the cluster is kept: one of Ray's processes always
+    # sits out a SIGTERM grace (10 s by default), so a short one.
+    stop_test_clusters(grace_s=2.0, marker=str(temp_dir).encode())
     shutil.rmtree(temp_dir, ignore_errors=True)
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *env):
         os.environ.pop(key, None)
