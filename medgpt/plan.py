@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from medgpt.config import ModelConfig, Recipe
+from medgpt.config import STRATEGIES, ModelConfig, Recipe
 from medgpt.errors import ConfigError
 from medgpt.model import count_params
 
@@ -45,7 +45,6 @@ RAY_ACCELERATOR_TYPES = {
     "H100": "H100-80GB",
     "H200": "H200-141GB",
 }
-STRATEGIES = ("ddp", "fsdp")
 # What the CUDA context, cuBLAS/NCCL workspaces and the caching allocator's fragmentation take
 # before a tensor of ours: a fixed part and a share of the card.
 RESERVED_MIB = 1536

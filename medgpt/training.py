@@ -513,10 +513,10 @@ def run_loop(
             tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
             continue
         sampling = do_eval and bool(tc.sample_prompts and tc.sample_tokens)
-        # With fsdp no rank holds the whole model: checkpoints and samples need it gathered
-        # (a collective: every rank takes part, rank 0 receives it on its CPU).
-        # Gathered before evaluating: an FSDP root's weights stay unsharded after a forward
-        # without backward, and the optimizer state can then no longer be matched to them.
+        # With fsdp no rank holds the whole model: checkpoints and samples need it gathered (a
+        # collective: every rank takes part, rank 0 receives it on its CPU). Before evaluating:
+        # an FSDP root's weights stay unsharded after a forward without backward, and the
+        # optimizer state could then no longer be matched to them.
         weights = sharding.full_model_state(raw) if sharded and (do_ckpt or sampling) else None
         optimizer_state = (
             sharding.full_optimizer_state(raw, optimizer) if sharded and do_ckpt else None
