@@ -83,12 +83,11 @@ def load_optimizer_state(
 
     names = _names(model, optimizer)
     groups = state["param_groups"]
-    if sum(len(g["params"]) for g in groups) != len(names) or len(groups) != len(
-        optimizer.param_groups
-    ):
+    saved = sum(len(g["params"]) for g in groups)
+    if saved != len(names) or len(groups) != len(optimizer.param_groups):
         raise ValueError(
-            f"the optimizer state has {sum(len(g['params']) for g in groups)} parameters in "
-            f"{len(groups)} groups, this model {len(names)} in {len(optimizer.param_groups)}"
+            f"the optimizer state has {saved} parameters in {len(groups)} groups, this model "
+            f"{len(names)} in {len(optimizer.param_groups)}"
         )
     by_name = {
         "state": {names[int(i)]: value for i, value in state["state"].items()},

@@ -93,3 +93,17 @@ def test_an_fsdp_checkpoint_resumes_exactly(runs, icd_data, tmp_path, strategy) 
 def test_an_unknown_strategy_is_refused(icd_data, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"strategy: 'zero3' \(allowed: ddp, fsdp\)"):
         Recipe.from_dict(_recipe(icd_data, tmp_path, "zero3"))
+
+
+def test_an_optimizer_state_of_another_model_is_refused() -> None:
+    from medgpt import sharding
+    from medgpt.config import ModelConfig
+    from medgpt.model import GPT
+    from medgpt.training import configure_optimizer
+
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    optimizer = configure_optimizer(model, 1e-3)
+    n = sum(len(g["params"]) for g in optimizer.param_groups)
+    state = {"state": {}, "param_groups": [{"params": [0, 1]}, {"params": [2]}]}
+    with pytest.raises(ValueError, match=rf"has 3 parameters in 2 groups, this model {n} in 2"):
+        sharding.load_optimizer_state(model, optimizer, state)
