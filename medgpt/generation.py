@@ -34,12 +34,20 @@ Sampling is per request: temperature (0 = greedy), top-k, top-p and a seed that 
 request's own generator, so the same seed and prompt give the same text whether the request
 ran alone or beside others. Text is streamed as it becomes valid UTF-8; stop strings are
 held back until they can no longer match, and are not part of the output.
+
+Scoring is per request too (``SamplingParams.logprobs``, ``prompt_logprobs``): each generated
+token's log-probability and the N most likely tokens at its position, and with
+``prompt_logprobs`` the same for every prompt token after the first, from the prefill — which
+then keeps the hidden states of every prompt position (:meth:`GPT.prefill_features`) and
+applies the head to a few hundred positions at a time. ``max_new_tokens`` 0 is the prefill
+alone (pure scoring). Requests that ask for neither run exactly as before.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -56,6 +64,9 @@ from medgpt.model import GPT
 from medgpt.tokenizer import EOT_ID, get_tokenizer
 
 MAX_STOP_STRINGS = 4
+# Prompt positions whose logits exist at once while a prompt is scored (prompt_logprobs):
+# 256 x GPT-2's 50,257 float32 logits are 51 MB, and as much again for their log-softmax.
+SCORE_ROWS = 256
 
 
 @dataclasses.dataclass
@@ -66,11 +77,22 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # None = a fresh random seed
     stop: tuple[str, ...] = ()
+    # Scoring: each generated token's log-probability and the N most likely tokens at its
+    # position (None = no scoring); with prompt_logprobs also the prompt's tokens' (the
+    # first has none: nothing comes before it).
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(
+                f"max_new_tokens: must be >= 0 (0 = the prefill alone), got {self.max_new_tokens}"
+            )
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs: must be >= 0 or None, got {self.logprobs}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise ValueError("prompt_logprobs: needs logprobs (the alternatives per token)")
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature: must be in [0, 2], got {self.temperature}")
         if self.top_k < 0:
@@ -147,6 +169,29 @@ def sample_batch(
     return tokens
 
 
+def token_logprobs(
+    logits: torch.Tensor, targets: Sequence[int], top: int
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """For each row b of logits (B, V): the log-probability of ``targets[b]`` and the ``top``
+    most likely tokens with theirs, most likely first.
+
+    The model's own distribution: the log-softmax of the raw logits, before temperature,
+    top-k and top-p shape the sampling — what OpenAI's and vLLM's ``logprobs`` report by
+    default. In float32 whatever the weights' dtype, as sampling is. A target's value and its
+    entry among the top ones come from the same tensor: equal when it is the most likely
+    (clients such as lm-evaluation-harness compare them to tell a greedy continuation)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(list(targets), dtype=torch.long, device=lp.device).unsqueeze(1)
+    chosen = lp.gather(1, index).squeeze(1).tolist()
+    if top <= 0:
+        return chosen, [[] for _ in chosen]
+    values, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
+    tops = [
+        list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+    return chosen, tops
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
     """One token from last-position logits (V,) with this request's generator."""
     return sample_batch(logits.unsqueeze(0), [params], [gen])[0]
@@ -165,6 +210,19 @@ def sample_next(
 
 
 @dataclasses.dataclass
+class TokenLogprob:
+    """One token as scoring reports it."""
+
+    token: int
+    logprob: float | None  # None for the prompt's first token: nothing before it predicts it
+    top: list[tuple[int, float]]  # the N most likely tokens at its position, most likely first
+    # Where its text starts, in characters: in the generated text (or in the prompt's, for a
+    # prompt token). Tokens that share a character split across them share its offset, and
+    # end-of-text, which has no text, sits at the end.
+    offset: int
+
+
+@dataclasses.dataclass
 class Event:
     """What one step produced for one request."""
 
@@ -175,6 +233,35 @@ class Event:
     finish_reason: str | None = None  # stop | length | cancelled
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # With SamplingParams.logprobs: the generated tokens whose text starts in what has been
+    # streamed so far and was not reported before (so held-back and incomplete characters'
+    # tokens come with the text they make; tokens cut off by a stop string never come), and
+    # end-of-text on the last event when it ended the request. None without logprobs.
+    logprobs: list[TokenLogprob] | None = None
+    # With prompt_logprobs, on the request's first event: every prompt token's.
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+def _decode_more(pending: bytes) -> tuple[str, bytes]:
+    """The text that ``pending`` bytes complete, and the bytes of an incomplete last character
+    kept for the next token; bytes that can never be UTF-8 become U+FFFD."""
+    try:
+        return pending.decode("utf-8"), b""
+    except UnicodeDecodeError as e:
+        if e.reason == "unexpected end of data":  # wait for the rest of the character
+            return pending[: e.start].decode("utf-8"), pending[e.start :]
+        return pending.decode("utf-8", errors="replace"), b""
+
+
+def text_offsets(enc: Any, tokens: Sequence[int]) -> list[int]:
+    """Where each token's text starts in the text the tokens decode to (streamed as the
+    engine streams it): see :attr:`TokenLogprob.offset`."""
+    offsets, length, pending = [], 0, b""
+    for token in tokens:
+        offsets.append(length)
+        text, pending = _decode_more(pending + enc.decode_single_token_bytes(token))
+        length += len(text)
+    return offsets
 
 
 class _Sequence:
@@ -189,8 +276,11 @@ class _Sequence:
         self.emitted = 0  # characters of self.text already streamed
         self.last = -1  # the token to feed next
         self.submitted = time.perf_counter()
-        # Cache positions this request can ever occupy: the last token sampled is never fed.
-        self.reserve = len(prompt) + params.max_new_tokens - 1
+        # Cache positions this request can ever occupy: the last token sampled is never fed
+        # (and with max_new_tokens 0 the prompt's are all).
+        self.reserve = max(len(prompt), len(prompt) + params.max_new_tokens - 1)
+        self.scored: list[TokenLogprob] = []  # logprobs not yet reported (see Event.logprobs)
+        self.prompt_scored: list[TokenLogprob] | None = None  # until the first event takes it
 
     @property
     def position(self) -> int:  # where self.last goes in the cache
@@ -341,9 +431,12 @@ class Engine:
             seq.row = len(self._running)
             self._running.append(seq)
         for pack in self._packs(admitted):
-            rows = [seq.row for seq in pack]
-            logits = self.model.prefill([seq.prompt for seq in pack], rows, self.cache)
-            events.extend(self._advance_all(pack, logits))
+            prompts, rows = [seq.prompt for seq in pack], [seq.row for seq in pack]
+            if any(seq.params.prompt_logprobs for seq in pack):
+                logits = self._prefill_scoring(pack, rows)
+            else:
+                logits = self.model.prefill(prompts, rows, self.cache)
+            events.extend(self._advance_prefilled(pack, logits))
         # Idle: give the memory back (not while requests wait: the next step needs it again).
         if not self._running and not self._waiting:
             self._fit_cache(0, 0, 0)
@@ -368,6 +461,49 @@ class Engine:
             packs[-1].append(seq)
             tokens += len(seq.prompt)
         return packs
+
+    def _prefill_scoring(self, pack: list[_Sequence], rows: list[int]) -> torch.Tensor:
+        """model.prefill for a pack with a request that scores its prompt: the hidden states of
+        every position, each scoring prompt's turned into its prompt_scored, and the last
+        positions' logits (the same numbers as prefill's, which applies ln_f to those rows
+        alone) for the pack's next tokens."""
+        feats = self.model.prefill_features([seq.prompt for seq in pack], rows, self.cache)
+        ends = list(itertools.accumulate(len(seq.prompt) for seq in pack))
+        for seq, end in zip(pack, ends, strict=True):
+            if seq.params.prompt_logprobs:
+                seq.prompt_scored = self._score_prompt(seq, feats[end - len(seq.prompt) : end])
+        last = torch.tensor(ends, device=feats.device) - 1
+        return self.model.lm_head(feats[last])
+
+    def _score_prompt(self, seq: _Sequence, feats: torch.Tensor) -> list[TokenLogprob]:
+        """Every prompt token's logprob from the prompt's final hidden states (n, n_embd): the
+        position before a token predicts it, so the first token has none."""
+        prompt, top = seq.prompt, seq.params.logprobs or 0
+        offsets = text_offsets(self.enc, prompt)
+        out = [TokenLogprob(prompt[0], None, [], 0)]
+        for start in range(0, len(prompt) - 1, SCORE_ROWS):
+            end = min(start + SCORE_ROWS, len(prompt) - 1)
+            targets = prompt[start + 1 : end + 1]
+            chosen, tops = token_logprobs(self.model.lm_head(feats[start:end]), targets, top)
+            out.extend(
+                TokenLogprob(t, c, alt, offsets[start + 1 + j])
+                for j, (t, c, alt) in enumerate(zip(targets, chosen, tops, strict=True))
+            )
+        return out
+
+    def _advance_prefilled(self, pack: list[_Sequence], logits: torch.Tensor) -> list[Event]:
+        """The pack's first tokens; a request with max_new_tokens 0 ends with its prefill."""
+        if all(seq.params.max_new_tokens for seq in pack):
+            return self._advance_all(pack, logits)
+        events: list[Event] = []
+        for seq in pack:
+            if not seq.params.max_new_tokens:
+                self._release(seq)
+                events.append(self._finish(seq, "length"))
+        going = [i for i, seq in enumerate(pack) if seq.params.max_new_tokens]
+        if going:
+            events.extend(self._advance_all([pack[i] for i in going], logits[going]))
+        return events
 
     def _admit(self) -> list[_Sequence]:
         # Strictly first come, first served: letting short requests overtake a long one that
@@ -412,25 +548,40 @@ class Engine:
 
     def _advance_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Event]:
         tokens = sample_batch(logits, [s.params for s in seqs], [s.gen for s in seqs])
-        return [self._advance(seq, token) for seq, token in zip(seqs, tokens, strict=True)]
+        scores = self._token_scores(seqs, logits, tokens)
+        return [
+            self._advance(seq, token, score)
+            for seq, token, score in zip(seqs, tokens, scores, strict=True)
+        ]
 
-    def _advance(self, seq: _Sequence, token: int) -> Event:
+    @staticmethod
+    def _token_scores(
+        seqs: list[_Sequence], logits: torch.Tensor, tokens: list[int]
+    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """(logprob, top) of each sampled token, for the rows that ask for logprobs."""
+        want = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        scores: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
+        if not want:
+            return scores
+        rows = logits if len(want) == len(seqs) else logits[want]
+        top = max(seqs[i].params.logprobs or 0 for i in want)
+        chosen, tops = token_logprobs(rows, [tokens[i] for i in want], top)
+        for j, i in enumerate(want):
+            scores[i] = (chosen[j], tops[j][: seqs[i].params.logprobs])
+        return scores
+
+    def _advance(
+        self, seq: _Sequence, token: int, score: tuple[float, list] | None = None
+    ) -> Event:
         if token == EOT_ID:
             self._release(seq)
-            return self._finish(seq, "stop", flush=True)
+            return self._finish(seq, "stop", flush=True, eot=score)
         seq.generated.append(token)
         seq.last = token
-        seq.pending += self.enc.decode_single_token_bytes(token)
-        try:
-            seq.text += seq.pending.decode("utf-8")
-            seq.pending = b""
-        except UnicodeDecodeError as e:
-            if e.reason == "unexpected end of data":  # wait for the rest of the character
-                seq.text += seq.pending[: e.start].decode("utf-8")
-                seq.pending = seq.pending[e.start :]
-            else:
-                seq.text += seq.pending.decode("utf-8", errors="replace")
-                seq.pending = b""
+        if score is not None:  # its text starts where the text decoded so far ends
+            seq.scored.append(TokenLogprob(token, score[0], score[1], len(seq.text)))
+        text, seq.pending = _decode_more(seq.pending + self.enc.decode_single_token_bytes(token))
+        seq.text += text
         stop_at = self._find_stop(seq)
         if stop_at is not None:
             seq.text = seq.text[:stop_at]
@@ -449,7 +600,27 @@ class Engine:
             [token],
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.generated),
+            logprobs=self._reported(seq, seq.emitted),
+            prompt_logprobs=self._prompt_reported(seq),
         )
+
+    @staticmethod
+    def _reported(seq: _Sequence, upto: int) -> list[TokenLogprob] | None:
+        """The scored tokens whose text starts before character ``upto``, taken off the
+        sequence's list."""
+        if seq.params.logprobs is None:
+            return None
+        n = 0
+        while n < len(seq.scored) and seq.scored[n].offset < upto:
+            n += 1
+        out, seq.scored = seq.scored[:n], seq.scored[n:]
+        return out
+
+    @staticmethod
+    def _prompt_reported(seq: _Sequence) -> list[TokenLogprob] | None:
+        """The prompt's scores, for the request's first event only."""
+        out, seq.prompt_scored = seq.prompt_scored, None
+        return out
 
     @staticmethod
     def _find_stop(seq: _Sequence) -> int | None:
@@ -482,38 +653,65 @@ class Engine:
         seq.row = -1
 
     def _finish(
-        self, seq: _Sequence, reason: str, tokens: list[int] | None = None, flush: bool = False
+        self,
+        seq: _Sequence,
+        reason: str,
+        tokens: list[int] | None = None,
+        flush: bool = False,
+        eot: tuple[float, list] | None = None,
     ) -> Event:
         if flush and seq.pending:
             seq.text += seq.pending.decode("utf-8", errors="replace")
             seq.pending = b""
         new = seq.text[seq.emitted :]
         seq.emitted = len(seq.text)
+        logprobs = self._reported(seq, len(seq.text))
+        # What is left began after a stop string, or in bytes a cancellation cut off.
+        seq.scored = []
+        if logprobs is not None and eot is not None:
+            logprobs.append(TokenLogprob(EOT_ID, eot[0], eot[1], len(seq.text)))
         with self._lock:
             self._ids.discard(seq.request_id)
             self.finished[reason] = self.finished.get(reason, 0) + 1
         return Event(
-            seq.request_id, new, tokens or [], True, reason, len(seq.prompt), len(seq.generated)
+            seq.request_id,
+            new,
+            tokens or [],
+            True,
+            reason,
+            len(seq.prompt),
+            len(seq.generated),
+            logprobs,
+            self._prompt_reported(seq),
         )
 
     def generate(self, prompt: str | list[int], params: SamplingParams) -> dict[str, Any]:
         """Run one request to completion on this engine (no other requests must be using it
-        from another thread). Returns text, token ids and the finish reason."""
+        from another thread). Returns text, token ids and the finish reason (and with
+        ``params.logprobs`` the :class:`TokenLogprob` lists ``logprobs`` and
+        ``prompt_logprobs``)."""
         rid = f"solo-{os.urandom(6).hex()}"
         n_prompt = self.submit(rid, prompt, params)
-        text, tokens = [], []
+        text, tokens, scored = [], [], []
+        prompt_scored = None
         while True:
             for ev in self.step():
                 if ev.request_id == rid:
                     text.append(ev.text)
                     tokens.extend(ev.token_ids)
+                    scored.extend(ev.logprobs or [])
+                    prompt_scored = prompt_scored or ev.prompt_logprobs
                     if ev.finished:
-                        return {
+                        out = {
                             "text": "".join(text),
                             "token_ids": tokens,
                             "finish_reason": ev.finish_reason,
                             "prompt_tokens": n_prompt,
                         }
+                        if params.logprobs is not None:
+                            out["logprobs"] = scored
+                            out["prompt_logprobs"] = prompt_scored
+                        return out
 
 
 def _trim_heap() -> None:

@@ -261,8 +261,29 @@ class GPT(nn.Module):
         matrix is read once for all of them; a row's numbers are those of a prompt alone
         wherever the linear layers give a row the same result in any batch (the CPU decode
         kernel does). The head runs on the last positions only: logits for every position
-        would be another 200 MB for a 1,000-token prompt at GPT-2's vocabulary. Inference
-        only: no dropout."""
+        would be another 200 MB for a 1,000-token prompt at GPT-2's vocabulary (a caller that
+        scores the prompts takes :meth:`prefill_features` instead). Inference only: no
+        dropout."""
+        x, lengths = self._prefill(prompts, rows, kv_cache)
+        last = torch.tensor(lengths, device=x.device).cumsum(0) - 1
+        return self.lm_head(self.transformer.ln_f(x[last]))
+
+    def prefill_features(
+        self, prompts: list[list[int]], rows: list[int], kv_cache: KVCache
+    ) -> torch.Tensor:
+        """:meth:`prefill`, but the final hidden states (ln_f applied, before the head) of
+        every position of every prompt, packed end to end (total tokens, n_embd): for scoring
+        the prompts, the caller applies the head to a few positions at a time. The same
+        arithmetic as :meth:`prefill` (LayerNorm works row by row), whose logits are
+        ``lm_head`` of the last position of each prompt."""
+        x, _ = self._prefill(prompts, rows, kv_cache)
+        return self.transformer.ln_f(x)
+
+    def _prefill(
+        self, prompts: list[list[int]], rows: list[int], kv_cache: KVCache
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The blocks over the packed prompts: the last hidden states (total tokens, n_embd),
+        before ln_f, and each prompt's length."""
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) < 1 or len(rows) != len(prompts):
             raise ValueError("prefill takes one non-empty prompt per cache row")
@@ -277,8 +298,7 @@ class GPT(nn.Module):
         x = F.embedding(idx, tr.wte.weight) + F.embedding(pos, tr.wpe.weight)
         for i, block in enumerate(tr.h):
             x = block.prefill(x, kv_cache.k[i], kv_cache.v[i], rows, lengths)
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        return self.lm_head(tr.ln_f(x[last]))
+        return x, lengths
 
     def forward(
         self,

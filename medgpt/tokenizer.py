@@ -95,3 +95,10 @@ def get_tokenizer(
     if name != TOKENIZER_NAME:
         raise TokenizerError(f"unknown tokenizer {name!r} (allowed: {TOKENIZER_NAME})")
     return _build(str(Path(vocab_dir) if vocab_dir is not None else default_vocab_dir()))
+
+
+def token_text(token_id: int) -> str:
+    """One token's text as OpenAI's ``logprobs`` show it: the token's bytes decoded alone.
+    A token holding part of a character that spans several tokens (bytes that are not valid
+    UTF-8 by themselves) comes out with U+FFFD replacement characters in their place."""
+    return get_tokenizer().decode_single_token_bytes(token_id).decode("utf-8", errors="replace")

@@ -20,7 +20,7 @@ from medgpt.api import (
     sse,
     validate,
 )
-from medgpt.serving.responses import Completion, Generation
+from medgpt.serving.responses import Completion, Generation, add_logprobs
 
 
 def _refused(model, body, **limits) -> ApiError:
@@ -65,12 +65,57 @@ def test_generate_bodies_are_refused_naming_the_field(body, param, message) -> N
         ({"prompt": "x", "stream": "yes"}, "stream", "true or false"),
         ({"prompt": "x", "stop": ["a"] * 5}, "stop", "at most 4"),
         ({"prompt": "x", "stop": 3}, "stop", "a string, or a list of"),
-        ({"prompt": "x", "best_of": 2}, "best_of", "unknown field 'best_of'"),
+        ({"prompt": "x", "bogus": 1}, "bogus", "unknown field 'bogus' (allowed: prompt, "),
+        # Scoring fields.
+        ({"prompt": "x", "logprobs": 6}, "logprobs", "logprobs: must be a whole number from 0 to 5"),
+        ({"prompt": "x", "logprobs": -1}, "logprobs", "from 0 to 5 (alternatives per token), or null"),
+        ({"prompt": "x", "logprobs": True}, "logprobs", "from 0 to 5"),
+        ({"prompt": "x", "logprobs": 1.5}, "logprobs", "from 0 to 5"),
+        ({"prompt": "x", "logprobs": "5"}, "logprobs", "from 0 to 5"),
+        ({"prompt": "x", "echo": "yes"}, "echo", "echo: must be true or false"),
+        ({"prompt": "x", "echo": 1}, "echo", "echo: must be true or false"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens", "0 is allowed only with echo: true"),
+        ({"prompt": "x", "max_tokens": 0, "echo": False}, "max_tokens", "only with echo"),
+        ({"prompt": "x", "max_tokens": -1, "echo": True}, "max_tokens", "from 0 to 512"),
+        ({"prompt": "x", "max_tokens": 513, "echo": True}, "max_tokens", "from 0 to 512"),
+        ({"prompt": "x", "max_tokens": 0.0, "echo": True}, "max_tokens", "(0 with echo: true)"),
+        # OpenAI fields medgpt does not implement: only their defaults.
+        ({"prompt": "x", "best_of": 2}, "best_of", "best_of: only the default 1 (or null) is supported (got 2)"),
+        ({"prompt": "x", "best_of": 0}, "best_of", "only the default 1"),
+        ({"prompt": "x", "best_of": True}, "best_of", "best_of: must be 1 (or null), the default"),
+        ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty", "frequency_penalty: only the default 0 (or null) is supported (got 0.5)"),
+        ({"prompt": "x", "frequency_penalty": "0"}, "frequency_penalty", "must be 0 (or null), the default: other values are not supported"),
+        ({"prompt": "x", "presence_penalty": -2}, "presence_penalty", "presence_penalty: only the default 0"),
+        ({"prompt": "x", "logit_bias": {"50256": -100}}, "logit_bias", "logit_bias: only the default {} (or null) is supported"),
+        ({"prompt": "x", "logit_bias": [1]}, "logit_bias", "logit_bias: must be {} (or null), the default"),
+        ({"prompt": "x", "suffix": "!"}, "suffix", "suffix: only the default null is supported (got \"!\")"),
+        ({"prompt": "x", "suffix": ""}, "suffix", "only the default null"),
     ],
-)
+)  # fmt: skip
 def test_completion_bodies_are_refused_naming_the_field(body, param, message) -> None:
     err = _refused(CompletionRequest, body)
     assert err.param == param and message in err.message, err.message
+    assert "\n" not in err.message
+
+
+def test_scoring_fields_and_openai_defaults_are_accepted() -> None:
+    """What lm-evaluation-harness's local-completions sends to score, what the openai client
+    sends for a pure scoring call, and OpenAI's fields at their defaults (or null)."""
+    lm_eval = {"model": "m", "prompt": "Q: fever? A: yes", "temperature": 0, "max_tokens": 1,
+               "logprobs": 1, "seed": 1234, "echo": True}  # fmt: skip
+    req = validate(CompletionRequest, lm_eval)
+    assert (req.logprobs, req.echo, req.max_tokens) == (1, True, 1)
+    req = validate(CompletionRequest, {"prompt": "x", "logprobs": 5, "echo": True, "max_tokens": 0})
+    assert (req.logprobs, req.echo, req.max_tokens) == (5, True, 0)
+    assert validate(CompletionRequest, {"prompt": "x", "logprobs": 0}).logprobs == 0
+    plain = validate(CompletionRequest, {"prompt": "x"})
+    assert (plain.logprobs, plain.echo, plain.max_tokens) == (None, False, 16)
+    defaults = {"frequency_penalty": 0, "presence_penalty": 0.0, "best_of": 1, "logit_bias": {},
+                "suffix": None}  # fmt: skip
+    nulls = {"frequency_penalty": None, "presence_penalty": None, "best_of": None,
+             "logit_bias": None, "logprobs": None}  # fmt: skip
+    for extra in (defaults, nulls, {"frequency_penalty": -0.0}):
+        assert validate(CompletionRequest, {"prompt": "x", **extra}).the_prompt == "x"
 
 
 def test_limits_are_parameters_of_one_declaration() -> None:
@@ -145,6 +190,16 @@ class Ev:
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+
+
+@dataclass
+class Lp:  # medgpt.generation.TokenLogprob's fields
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+    offset: int
 
 
 def test_completion_stream_and_body_agree() -> None:
@@ -177,3 +232,105 @@ def test_generation_events_and_summary() -> None:
                      "model": {"id": "m", "registry_version": 3, "val_loss": 1.5,
                                "eval_loss": None}}]  # fmt: skip
     assert gen.body()["text"] == "Hi"
+
+
+# Token ids → strings for the logprobs tests (medgpt.tokenizer.token_text in the server).
+WORDS = {1: "Fe", 2: "ver", 3: " is", 4: " hot", 5: " cold", 6: ".", 7: "\ufffd", 8: "!"}
+
+
+def _scored_events() -> tuple[list[tuple[int, Ev]], str]:
+    """Two choices over the prompt "Fever": choice 0 streams " is", then " hot" is held back
+    (a stop string could start there) and comes with " cold"; choice 1 ends after "." by
+    end-of-text."""
+    prompt = [Lp(1, None, [], 0), Lp(2, -2.5, [(3, -0.5), (2, -2.5)], 2)]
+    events = [
+        (0, Ev(" is", [3], logprobs=[Lp(3, -0.25, [(3, -0.25), (4, -1.5)], 0)],
+               prompt_logprobs=prompt)),
+        (1, Ev(".", [6], logprobs=[Lp(6, -3.0, [(3, -0.5), (8, -0.75)], 0)],
+               prompt_logprobs=prompt)),
+        (0, Ev("", [4], logprobs=[])),  # held back: its token comes with its text
+        (1, Ev("", [], True, "stop", logprobs=[Lp(50256, -0.1, [(50256, -0.1)], 1)])),
+        (0, Ev(" hot cold", [5], True, "length", logprobs=[Lp(4, -1.5, [(3, -0.25), (4, -1.5)], 3),
+                                                      Lp(5, -4.0, [(3, -0.5), (7, -0.5)], 7)])),
+    ]  # fmt: skip
+    return events, "Fever"
+
+
+def _text(t: int) -> str:
+    return WORDS.get(t, "<|endoftext|>")
+
+
+def test_completion_logprobs_in_openais_format_with_echo() -> None:
+    events, prompt = _scored_events()
+    whole = Completion("m", 2, n=2, created=1, echo=prompt, logprobs=2, token_text=_text)
+    for i, ev in events:
+        whole.add(i, ev)
+    body = whole.body()
+    c0, c1 = body["choices"]
+    assert c0["text"] == "Fever is hot cold" and c1["text"] == "Fever."
+    assert c0["logprobs"] == {
+        "tokens": ["Fe", "ver", " is", " hot", " cold"],
+        "token_logprobs": [None, -2.5, -0.25, -1.5, -4.0],
+        # The N most likely, most likely first, and the chosen token when it is not among
+        # them; the prompt's first token has none.
+        "top_logprobs": [None, {" is": -0.5, "ver": -2.5}, {" is": -0.25, " hot": -1.5},
+                         {" is": -0.25, " hot": -1.5}, {" is": -0.5, "\ufffd": -0.5, " cold": -4.0}],
+        "text_offset": [0, 2, 5, 8, 12],
+    }  # fmt: skip
+    assert c1["logprobs"]["tokens"] == ["Fe", "ver", ".", "<|endoftext|>"]
+    assert c1["logprobs"]["text_offset"] == [0, 2, 5, 6]  # end-of-text sits at the end
+    assert c1["logprobs"]["top_logprobs"][2] == {" is": -0.5, "!": -0.75, ".": -3.0}
+    # The offsets are where each token's text is in the choice's text.
+    for choice in (c0, c1):
+        lp = choice["logprobs"]
+        for token, at in zip(lp["tokens"], lp["text_offset"], strict=True):
+            if token != "<|endoftext|>":
+                assert choice["text"][at : at + len(token)] == token
+    assert body["usage"]["completion_tokens"] == 4  # end-of-text is not counted, as before
+
+
+def test_streamed_logprobs_add_up_to_the_body() -> None:
+    events, prompt = _scored_events()
+    streamed = Completion("m", 2, n=2, created=1, echo=prompt, logprobs=2, token_text=_text)
+    chunks = [c for i, ev in events if (c := streamed.chunk(i, ev)) is not None]
+    whole = Completion("m", 2, n=2, created=1, echo=prompt, logprobs=2, token_text=_text)
+    for i, ev in events:
+        whole.add(i, ev)
+    body = whole.body()
+    assert len(chunks) == 4  # the held-back event says nothing
+    for i in range(2):
+        parts = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert parts[0]["text"].startswith(prompt)  # the echo comes with the first chunk
+        assert "".join(p["text"] for p in parts) == body["choices"][i]["text"]
+        merged = add_logprobs({"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                               "text_offset": []}, [])  # fmt: skip
+        for p in parts:
+            for key in merged:
+                merged[key] += p["logprobs"][key]
+        assert merged == body["choices"][i]["logprobs"]
+
+
+def test_echo_without_logprobs_and_logprobs_without_echo() -> None:
+    events, prompt = _scored_events()
+    echo_only = Completion("m", 2, n=2, echo=prompt)
+    plain = Completion("m", 2, n=2, logprobs=2, token_text=_text)
+    for i, ev in events:
+        echo_only.add(i, ev)
+        plain.add(i, ev)
+    assert [c["text"] for c in echo_only.body()["choices"]] == ["Fever is hot cold", "Fever."]
+    assert all(c["logprobs"] is None for c in echo_only.body()["choices"])
+    c0 = plain.body()["choices"][0]
+    assert c0["text"] == " is hot cold"
+    assert c0["logprobs"]["tokens"] == [" is", " hot", " cold"]
+    assert c0["logprobs"]["text_offset"] == [0, 3, 7]  # counted from the completion's start
+
+
+def test_token_strings_are_each_tokens_bytes_decoded_alone() -> None:
+    from medgpt.serving.responses import add_logprobs as add
+    from medgpt.tokenizer import get_tokenizer
+
+    ids = get_tokenizer().encode_ordinary("naïve 😀")
+    out = add({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
+              [Lp(t, -1.0, [], i) for i, t in enumerate(ids)])  # fmt: skip
+    assert out["tokens"][0] == "na" and "\ufffd" in "".join(out["tokens"])  # the emoji's bytes
+    assert out["top_logprobs"] == [{t: -1.0} for t in out["tokens"]]

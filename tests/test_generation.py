@@ -4,6 +4,7 @@ continuous admission, stop strings, limits, cancellation, streaming text."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -197,7 +198,9 @@ def test_limits_and_bad_parameters(model) -> None:
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
-        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"prompt_logprobs": True}, "prompt_logprobs"),
         ({"stop": ("a", "b", "c", "d", "e")}, "stop"),
         ({"stop": ("",)}, "stop"),
     ):
@@ -518,3 +521,168 @@ def test_half_logits_are_sampled_as_their_float32_values() -> None:
     for dtype in HALF:
         low = logits.to(dtype)
         assert sample_batch(low, params, gens()) == sample_batch(low.float(), params, gens())
+
+
+# --- scoring: logprobs, prompt logprobs, max_new_tokens 0 --------------------------------------
+
+
+def _direct_logprobs(model: GPT, tokens: list[int]) -> torch.Tensor:
+    """log_softmax of the model's own full forward pass (no cache, no engine, F.linear and
+    SDPA): row j is the distribution of the token at position j + 1."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([tokens]))
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def _check_scores(model: GPT, prompt_ids: list[int], out: dict, top: int, echo: bool) -> None:
+    """Every reported logprob and its top alternatives equal the direct forward's."""
+    scored = out["logprobs"]
+    # Every generated token is reported, end-of-text too when it ended the request.
+    assert [e.token for e in scored][: len(out["token_ids"])] == out["token_ids"]
+    assert len(scored) == len(out["token_ids"]) + (out["finish_reason"] == "stop")
+    tokens = prompt_ids + [e.token for e in scored]
+    ref = _direct_logprobs(model, tokens)
+    entries = list(enumerate(scored, start=len(prompt_ids)))
+    if echo:
+        prompt = out["prompt_logprobs"]
+        assert [e.token for e in prompt] == prompt_ids
+        assert prompt[0].logprob is None and prompt[0].top == [] and prompt[0].offset == 0
+        entries = list(enumerate(prompt))[1:] + entries
+    else:
+        assert out["prompt_logprobs"] is None
+    assert entries
+    for pos, e in entries:
+        row = ref[pos - 1]
+        assert e.logprob == pytest.approx(row[tokens[pos]].item(), abs=1e-4), pos
+        values, ids = row.topk(top)
+        assert [t for t, _ in e.top] == ids.tolist(), pos
+        assert [v for _, v in e.top] == pytest.approx(values.tolist(), abs=1e-4), pos
+        if e.top and e.top[0][0] == e.token:  # the same number when it is the most likely
+            assert e.top[0][1] == e.logprob
+
+
+SCORED = [
+    # (prompt, params): sampled, greedy, prompt only, no alternatives, a one-token prompt.
+    (PROMPTS[2], SamplingParams(12, 0.9, seed=7, logprobs=5, prompt_logprobs=True)),
+    (PROMPTS[0], SamplingParams(9, 0, logprobs=2)),
+    (PROMPTS[3], SamplingParams(0, logprobs=3, prompt_logprobs=True)),
+    (PROMPTS[5], SamplingParams(6, 1.2, top_k=10, seed=3, logprobs=0, prompt_logprobs=True)),
+    ("A", SamplingParams(4, 0.7, seed=1, logprobs=1, prompt_logprobs=True)),
+]
+
+
+@pytest.mark.parametrize("fast_linear", [True, False], ids=["kernel", "F.linear"])
+def test_logprobs_are_the_models_log_softmax_alone_and_in_a_batch(model, solo, fast_linear):
+    """Scored requests alone, then all of them admitted together beside the ordinary
+    requests of PROMPTS (one packed prefill with the kernel; one prompt a pass without) and
+    one more joining mid-batch: every logprob and top-N is the direct forward's, the scored
+    requests sample what they do alone, and the ordinary ones what they do without them."""
+    enc = get_tokenizer()
+    alone = [Engine(model, 1, fast_linear=fast_linear).generate(p, sp) for p, sp in SCORED]
+    engine = Engine(model, max_batch_size=12, fast_linear=fast_linear)
+    packs: list[int] = []  # prompts per prefill pass that kept every position
+    features = engine.model.prefill_features
+
+    def spy(prompts: list[list[int]], *args: object) -> torch.Tensor:
+        packs.append(len(prompts))
+        return features(prompts, *args)
+
+    engine.model.prefill_features = spy
+    for i, (p, sp) in enumerate(SCORED):
+        engine.submit(f"s{i}", p, sp)
+    for i, p in enumerate(PROMPTS):
+        engine.submit(f"r{i}", p, _params(i))
+    events: dict[str, list] = {}
+    for ev in engine.step():  # everything admitted in one step
+        events.setdefault(ev.request_id, []).append(ev)
+    late = SamplingParams(10, 0, logprobs=4, prompt_logprobs=True)
+    engine.submit("late", PROMPTS[1], late)
+    for rid, evs in _drain(engine).items():
+        events.setdefault(rid, []).extend(evs)
+    jobs = [*SCORED, (PROMPTS[1], late)]
+    for i, (prompt, sp) in enumerate(jobs):
+        evs = events["late" if i == len(SCORED) else f"s{i}"]
+        out = {
+            "token_ids": _tokens(evs),
+            "text": "".join(e.text for e in evs),
+            "finish_reason": evs[-1].finish_reason,
+            "logprobs": [x for e in evs for x in e.logprobs],
+            "prompt_logprobs": evs[0].prompt_logprobs,
+        }
+        assert all(e.prompt_logprobs is None for e in evs[1:])
+        ids = enc.encode_ordinary(prompt)
+        _check_scores(model, ids, out, sp.logprobs, sp.prompt_logprobs)
+        if i < len(SCORED):
+            assert out["token_ids"] == alone[i]["token_ids"], i
+            _check_scores(model, ids, alone[i], sp.logprobs, sp.prompt_logprobs)
+        if sp.max_new_tokens == 0:
+            assert out["token_ids"] == [] and out["finish_reason"] == "length"
+            assert len(evs) == 1 and evs[0].finished and evs[0].logprobs == []
+        # An event reports the tokens whose text starts in what was streamed by then.
+        streamed = 0
+        for e in evs:
+            streamed += len(e.text)
+            assert all(x.offset < streamed or x.token == EOT_ID for x in e.logprobs)
+    # Packed with the kernel (scored and ordinary prompts in one pass), alone without it.
+    assert max(packs) > 1 if engine.fast_linear else set(packs) == {1}
+    if engine.fast_linear:  # same rows in any batch: the ordinary requests did not notice
+        for i in range(len(PROMPTS)):
+            assert _tokens(events[f"r{i}"]) == solo[i]["token_ids"], i
+    assert all(e.logprobs is None and e.prompt_logprobs is None
+               for i in range(len(PROMPTS)) for e in events[f"r{i}"])  # fmt: skip
+
+
+def test_a_long_prompt_is_scored_in_chunks(model, monkeypatch) -> None:
+    """The head runs over SCORE_ROWS prompt positions at a time; the chunks change nothing."""
+    import medgpt.generation as generation
+
+    prompt = " ".join(PROMPTS)
+    sp = SamplingParams(3, 0, logprobs=2, prompt_logprobs=True)
+    whole = Engine(model, 1).generate(prompt, sp)
+    monkeypatch.setattr(generation, "SCORE_ROWS", 7)
+    chunked = Engine(model, 1).generate(prompt, sp)
+    ids = get_tokenizer().encode_ordinary(prompt)
+    assert len(ids) > 3 * 7
+    _check_scores(model, ids, chunked, 2, True)
+    a, b = chunked["prompt_logprobs"][1:], whole["prompt_logprobs"][1:]
+    assert [e.logprob for e in a] == pytest.approx([e.logprob for e in b], abs=1e-5)
+    assert [[t for t, _ in e.top] for e in a] == [[t for t, _ in e.top] for e in b]
+
+
+def test_prompt_offsets_cut_the_prompt_into_its_tokens(model) -> None:
+    """A token that decodes alone starts at its offset; a character split across tokens
+    starts at the offset of those that complete it."""
+    from medgpt.tokenizer import token_text
+
+    prompt = "Fièvre: 39 °C — 😀 naïve 🩺"
+    out = Engine(model, 1).generate(prompt, SamplingParams(0, logprobs=0, prompt_logprobs=True))
+    ids = get_tokenizer().encode_ordinary(prompt)
+    offsets = [e.offset for e in out["prompt_logprobs"]]
+    assert [e.token for e in out["prompt_logprobs"]] == ids
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(prompt)
+    split = 0
+    for i, t in enumerate(ids):
+        text = token_text(t)
+        # Part of a character comes out as U+FFFD: what comes before it is at the offset.
+        split += "\ufffd" in text
+        whole = text.split("\ufffd")[0]
+        assert prompt[offsets[i] : offsets[i] + len(whole)] == whole, i
+    assert split >= 3  # the emoji really were split
+    # The tokens that end 🩺 (4 bytes in 3 tokens) start where it does.
+    assert offsets[-2:] == [len(prompt) - 1] * 2
+    assert out["text"] == "" and out["token_ids"] == [] and out["finish_reason"] == "length"
+
+
+def test_stop_strings_cut_the_logprobs_with_the_text(model) -> None:
+    sp = SamplingParams(40, 0, logprobs=1)
+    free = Engine(model, 1).generate(PROMPTS[2], sp)
+    stop = free["text"][10:14]
+    cut = Engine(model, 1).generate(PROMPTS[2], dataclasses.replace(sp, stop=(stop,)))
+    text = cut["text"]
+    assert cut["finish_reason"] == "stop" and text == free["text"][: free["text"].find(stop)]
+    # The tokens whose text starts before the stop string, no more: those of the free run.
+    kept = [e for e in free["logprobs"] if e.offset < len(text)]
+    assert [(e.token, e.logprob, e.offset) for e in cut["logprobs"]] == [
+        (e.token, e.logprob, e.offset) for e in kept
+    ]
+    assert len(cut["logprobs"]) < len(cut["token_ids"])  # the stop string's tokens are gone

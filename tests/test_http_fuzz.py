@@ -83,7 +83,8 @@ class Cases:
     def mutated_field(self) -> tuple[str, bytes]:
         route, body = self._route()
         fields = [*body, "temperature", "top_k", "top_p", "seed", "stop", "n", "stream",
-                  "stream_options", "max_tokens", "max_new_tokens", "prompt", "model", "zzz"]  # fmt: skip
+                  "stream_options", "max_tokens", "max_new_tokens", "prompt", "model", "zzz",
+                  "logprobs", "echo", "best_of", "frequency_penalty", "logit_bias", "suffix"]  # fmt: skip
         for _ in range(self.rng.randint(1, 3)):
             body[self.rng.choice(fields)] = self.rng.choice(NASTY)
         return "field", self._post(route, json.dumps(body).encode())

@@ -140,6 +140,102 @@ def test_openai_client(server) -> None:
         client.completions.create(model="step-000007", prompt="x", temperature=5)
 
 
+def _direct_logprobs(checkpoint: Path, tokens: list[int]) -> torch.Tensor:
+    """log_softmax of the checkpoint's model over ``tokens`` in one plain forward pass."""
+    model = load_model(checkpoint).eval()
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([tokens]))
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def test_scoring_with_the_openai_client(server) -> None:
+    """completions.create(logprobs=5, echo=True, max_tokens=0): the prompt back, each of its
+    tokens with the model's own log-probability and top 5 (the first token null)."""
+    import openai
+
+    from medgpt.tokenizer import get_tokenizer, token_text
+
+    client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="unused", max_retries=0)
+    prompt = "Asthma is a chronic disease of the airways."
+    out = client.completions.create(
+        model="step-000007", prompt=prompt, logprobs=5, echo=True, max_tokens=0
+    )
+    choice = out.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    ids = get_tokenizer().encode_ordinary(prompt)
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert lp.tokens == [token_text(t) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    ref = _direct_logprobs(server["checkpoint"], ids)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4), i
+        values, top = ref[i - 1].topk(5)
+        expected = {token_text(t): v for t, v in zip(top.tolist(), values.tolist(), strict=True)}
+        got = lp.top_logprobs[i]
+        # The true top 5, and the prompt's token besides when it is not among them.
+        assert set(got) == set(expected) | {lp.tokens[i]}, i
+        assert [got[k] for k in expected] == pytest.approx(list(expected.values()), abs=1e-4)
+
+
+def test_streamed_logprobs_with_the_openai_client(server) -> None:
+    """A sampled completion with logprobs and echo, streamed and not: the chunks' logprobs
+    add up to the body's, which are the engine's alone and the model's own."""
+    import openai
+
+    from medgpt.tokenizer import token_text
+
+    client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="unused", max_retries=0)
+    args = {"model": "step-000007", "prompt": "Fever and", "max_tokens": 20, "temperature": 0.9,
+            "seed": 4, "logprobs": 3, "echo": True}  # fmt: skip
+    whole = client.completions.create(**args).choices[0]
+    text, merged = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(**args, stream=True):
+        if chunk.choices:
+            text += chunk.choices[0].text
+            for key in merged:
+                merged[key] += getattr(chunk.choices[0].logprobs, key)
+    assert text == whole.text and text.startswith("Fever and")
+    for key in merged:
+        assert merged[key] == getattr(whole.logprobs, key), key
+    solo = Engine(load_model(server["checkpoint"]), 1).generate(
+        "Fever and", SamplingParams(20, 0.9, 0, 1.0, 4, logprobs=3, prompt_logprobs=True)
+    )
+    entries = solo["prompt_logprobs"] + solo["logprobs"]
+    assert whole.logprobs.tokens == [token_text(e.token) for e in entries]
+    assert whole.logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in entries[1:]])
+    assert whole.text == "Fever and" + solo["text"]
+    ids = [e.token for e in entries]
+    ref = _direct_logprobs(server["checkpoint"], ids)
+    direct = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert whole.logprobs.token_logprobs[1:] == pytest.approx(direct, abs=1e-4)
+
+
+def test_lm_evaluation_harness_scoring_request(server) -> None:
+    """The body lm-eval's local-completions sends for a log-likelihood, read the way its
+    parse_logprobs reads the answer: the continuation's summed logprob (the last token is
+    the one generated) and whether it is the greedy one."""
+    from medgpt.tokenizer import get_tokenizer
+
+    context, continuation = "Question: what causes asthma? Answer:", " inflammation"
+    enc = get_tokenizer()
+    ctx, cont = enc.encode_ordinary(context), enc.encode_ordinary(continuation)
+    body = {"model": "step-000007", "prompt": context + continuation, "temperature": 0,
+            "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}  # fmt: skip
+    r = requests.post(f"{server['url']}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ctx) + len(cont) + 1  # end-of-text too, were it sampled
+    scored, tops = lp["token_logprobs"][len(ctx) : -1], lp["top_logprobs"][len(ctx) : -1]
+    total = sum(scored)
+    greedy = all(t == max(top.values()) for t, top in zip(scored, tops, strict=True))
+    ref = _direct_logprobs(server["checkpoint"], ctx + cont)
+    pos = range(len(ctx), len(ctx) + len(cont))
+    assert total == pytest.approx(sum(ref[i - 1, (ctx + cont)[i]].item() for i in pos), abs=1e-3)
+    assert greedy == all(int(ref[i - 1].argmax()) == (ctx + cont)[i] for i in pos)
+
+
 def test_generate_and_generate_stream(server) -> None:
     body = {"prompt": "Hypertension", "max_new_tokens": 25, "temperature": 0, "top_k": 0}
     out = requests.post(f"{server['url']}/generate", json=body, timeout=60).json()
@@ -189,6 +285,13 @@ BAD_BODIES = [
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "best_of": 2}, "best_of"),
     ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "max_tokens": -1, "echo": True}, "max_tokens"),
+    ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "word " * 1030, "max_tokens": 0, "echo": True}, "max_tokens"),  # over the context
 ]
 
 

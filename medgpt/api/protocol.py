@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 __all__ = [
     "DEFAULT_MAX_TOKENS_CAP",
     "MAX_BODY_BYTES",
+    "MAX_LOGPROBS",
     "MAX_N",
     "MAX_PROMPT_CHARS",
     "MAX_STOP_CHARS",
@@ -46,6 +47,7 @@ MAX_PROMPT_CHARS = 20_000
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_N = 8  # completions per /v1/completions request
+MAX_LOGPROBS = 5  # alternatives per token in /v1/completions' logprobs (OpenAI's limit)
 SEED_LIMIT = 2**63  # seeds are 63-bit: torch.Generator.manual_seed takes them
 DEFAULT_MAX_TOKENS_CAP = 512  # the serve config's max_tokens_cap unless it says otherwise
 RETRY_AFTER_S = 2  # what a client is told to wait when the server is full
@@ -67,7 +69,21 @@ _ALLOWED = {
     "stream_options": 'an object such as {"include_usage": true}',
     "user": "a string",
     "model": "a model id (GET /v1/models), or null",
+    "logprobs": f"a whole number from 0 to {MAX_LOGPROBS} (alternatives per token), or null",
+    "echo": "true or false",
 }
+# OpenAI fields medgpt does not implement: accepted at their default (what many clients send
+# whether or not they use them) or null, anything else refused naming the field.
+# Field -> (its default, as the error message spells what is accepted).
+_DEFAULT_ONLY: dict[str, tuple[Any, str]] = {
+    "frequency_penalty": (0, "0 (or null)"),
+    "presence_penalty": (0, "0 (or null)"),
+    "best_of": (1, "1 (or null)"),
+    "logit_bias": ({}, "{} (or null)"),
+    "suffix": (None, "null"),
+}
+_ALLOWED.update({k: f"{spelled}, the default: other values are not supported"
+                 for k, (_, spelled) in _DEFAULT_ONLY.items()})  # fmt: skip
 _STOP_RULE = f"at most {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_CHARS} characters"
 
 
@@ -178,7 +194,17 @@ def _cap(info: ValidationInfo) -> int:
 
 def _check_tokens(value: int, info: ValidationInfo) -> int:
     cap = _cap(info)
-    if not 1 <= value <= cap:
+    # /v1/completions' echo scores the prompt: max_tokens 0 asks for that alone. ``echo`` is
+    # declared before ``max_tokens``, so it has been read (and checked) by now.
+    if info.field_name == "max_tokens" and info.data.get("echo") is True:
+        if not 0 <= value <= cap:
+            raise ValueError(f"must be a whole number from 0 to {cap} (0: score the prompt only)")
+    elif value == 0 and info.field_name == "max_tokens":
+        raise ValueError(
+            f"0 is allowed only with echo: true (scoring the prompt); otherwise a whole number "
+            f"from 1 to {cap}"
+        )
+    elif not 1 <= value <= cap:
         raise ValueError(f"must be a whole number from 1 to {cap}")
     return value
 
@@ -218,10 +244,16 @@ class _Body(BaseModel):
 
 
 class CompletionRequest(_Body):
-    """``POST /v1/completions``: OpenAI's legacy completions body, the fields medgpt honours."""
+    """``POST /v1/completions``: OpenAI's legacy completions body, the fields medgpt honours,
+    and those it does not (``_DEFAULT_ONLY``) accepted at their defaults only.
+
+    ``logprobs`` N returns each token's log-probability and the N most likely tokens at its
+    position; ``echo`` puts the prompt in front of the text (and its tokens in front of the
+    logprobs, the first one null); ``max_tokens`` 0 with ``echo`` scores the prompt alone."""
 
     prompt: str | list[str]
     model: str | None = None
+    echo: bool = False  # before max_tokens: its check reads echo
     max_tokens: int = 16
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -232,6 +264,22 @@ class CompletionRequest(_Body):
     stream: bool = False
     stream_options: dict[str, bool] | None = None
     user: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = 0.0
+    best_of: int | None = 1
+    logit_bias: dict[str, Any] | None = None
+    suffix: str | None = None
+
+    @field_validator(*_DEFAULT_ONLY)
+    @classmethod
+    def _default_only(cls, v: Any, info: ValidationInfo) -> Any:
+        default, spelled = _DEFAULT_ONLY[str(info.field_name)]
+        if v is None or v == default:
+            return v
+        got = json.dumps(v)
+        got = got if len(got) <= 40 else got[:37] + "..."
+        raise ValueError(f"only the default {spelled} is supported (got {got})")
 
     @property
     def the_prompt(self) -> str:
@@ -270,6 +318,8 @@ def _describe(model: type[BaseModel], err: Mapping[str, Any], context: Mapping[s
         return ApiError(400, f"{param}: {msg}", param)
     if param in ("max_tokens", "max_new_tokens"):
         what = f"a whole number from 1 to {context.get('max_tokens_cap', DEFAULT_MAX_TOKENS_CAP)}"
+        if model is CompletionRequest:
+            what += " (0 with echo: true)"
     elif param == "stop":
         what = (
             f"a list of {_STOP_RULE}"

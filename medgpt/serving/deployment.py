@@ -398,11 +398,19 @@ class MedgptServer:
                 "not_found_error",
             )
         ids, base = self._params(body.the_prompt, body.max_tokens, body, "max_tokens", body.seed)
+        if body.logprobs is not None:  # with echo, the prompt's tokens are scored too
+            base = dataclasses.replace(base, logprobs=body.logprobs, prompt_logprobs=body.echo)
         starts = []
         for i in range(body.n):  # choice i samples with seed + i
             seed = None if body.seed is None else body.seed + i
             starts.append(self._start(ids, dataclasses.replace(base, seed=seed)))
-        out = Completion(self.model_id, len(ids), body.n)
+        out = Completion(
+            self.model_id,
+            len(ids),
+            body.n,
+            echo=body.the_prompt if body.echo else None,
+            logprobs=body.logprobs,
+        )
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
 
