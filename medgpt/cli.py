@@ -278,6 +278,35 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         help="another checkpoint or HF GPT-2 folder scored on the same tokens (repeatable)",
     )
     p.add_argument("--max-loss", type=float, help="the gate: PASS (exit 0) when loss <= this")
+    from medgpt.benchmark import TASKS
+
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"a benchmark scored beside the loss, repeatable ({', '.join(TASKS)}: multiple "
+        "choice on held-out question-answer pairs)",
+    )
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        help="the gate on the tasks: PASS only when every task's acc_norm >= this",
+    )
+    p.add_argument(
+        "--choices",
+        type=int,
+        metavar="N",
+        help="options per question, the answer and N-1 distractors (same as --distractors N-1)",
+    )
+    from medgpt.config import add_flags
+
+    add_flags(p, _benchmark_flags())
+    p.add_argument(
+        "--export-lm-eval",
+        metavar="DIR",
+        help="also write the tasks' items as a local lm-evaluation-harness task (YAML + jsonl)",
+    )
     p.add_argument(
         "--register",
         action="store_true",
@@ -308,6 +337,40 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _benchmark_flags() -> list[Any]:
+    from medgpt.benchmark import BenchmarkConfig
+    from medgpt.config import flags_of
+
+    return flags_of(BenchmarkConfig, "benchmark.")
+
+
+def _benchmark_config(args: argparse.Namespace) -> Any:
+    """The task options of ``medgpt evaluate`` (``--choices N`` is ``--distractors N-1``)."""
+    from medgpt.benchmark import BenchmarkConfig
+    from medgpt.config import ConfigError, from_mapping, given_flags
+
+    given = given_flags(args, _benchmark_flags())
+    values = {o.rest: o.value for o in given}
+    if args.choices is not None:
+        if args.choices < 2:
+            raise ConfigError(
+                f"--choices {args.choices}: must be >= 2 (the answer and at least one distractor)"
+            )
+        if "distractors" in values and values["distractors"] != args.choices - 1:
+            raise ConfigError(
+                f"--choices {args.choices} and --distractors {values['distractors']} disagree "
+                "(choices = distractors + 1); give one of them"
+            )
+        values["distractors"] = args.choices - 1
+    if (values or args.export_lm_eval) and not args.task:
+        flags = [o.given.split()[0] for o in given] + (["--choices"] if args.choices else [])
+        flags += ["--export-lm-eval"] if args.export_lm_eval else []
+        from medgpt.benchmark import TASKS
+
+        raise ConfigError(f"{', '.join(flags)}: need --task (allowed: {', '.join(TASKS)})")
+    return from_mapping(BenchmarkConfig, values)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medgpt.evaluation import EvalConfig, GateRequest, run_gate
 
@@ -330,6 +393,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             samples=args.samples,
         ),
+        tasks=args.task,
+        benchmark=_benchmark_config(args),
+        min_accuracy=args.min_accuracy,
+        export_lm_eval=args.export_lm_eval,
     )
     if args.quiet:  # MLflow's own download bars too
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -344,16 +411,29 @@ def print_gate(report: Any) -> int:
             f"{m.label:<10} loss {m.loss:.4f}  perplexity {m.perplexity:.2f}  "
             f"({m.tokens:,} tokens, {m.documents:,} documents)  {m.spec}"
         )
+    for name, entry in report.tasks.items():
+        u = entry["unigram_baseline"]
+        print(
+            f"{name}: {entry['items']:,} questions, {entry['choices']} choices; chance "
+            f"{entry['chance']:.4f}, unigram baseline acc {u['acc']:.4f} acc_norm {u['acc_norm']:.4f}"
+        )
+        for m in [entry["model"], *entry["baselines"]]:
+            lo, hi = m["acc_norm_ci95"]
+            print(
+                f"  {m['label']:<10} acc {m['acc']:.4f}  acc_norm {m['acc_norm']:.4f} "
+                f"(95% CI {lo:.4f}-{hi:.4f})  {m['spec']}"
+            )
+        if entry.get("lm_eval_export"):
+            print(f"  lm-eval task: {entry['lm_eval_export']}")
     print(f"report:    {report.markdown}")
     if report.mlflow is not None:
         print(f"MLflow:    run {report.mlflow.run_id} ({report.mlflow.tracking_uri})")
     gate = report.gate
     if gate is None:
         return 0
+    print(gate.summary())
     if not gate.passed:
-        print(f"FAIL: loss {gate.loss:.4f} > {gate.max_loss}")
         return report.exit_status
-    print(f"PASS: loss {gate.loss:.4f} <= {gate.max_loss}")
     reg = report.registered
     if reg is not None and reg.reused:
         print(
@@ -484,8 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out loss/perplexity report and the readiness gate (exit 0 PASS, 1 FAIL)",
         description="Score a model on held-out data (every token once, per source), write a "
         "JSON/Markdown/PNG report, record it in MLflow; with --max-loss, PASS (exit 0) or FAIL "
-        "(exit 1); with --register, a PASS becomes a registry version with the alias moved to "
-        "it. Bad input exits 2. Example: medgpt evaluate --checkpoint runs/tiny-cpu --data "
+        "(exit 1); with --task medquad-mc, also multiple-choice accuracy on held-out "
+        "question-answer pairs (--min-accuracy gates it, --export-lm-eval writes the items as an "
+        "lm-eval task); with --register, a PASS becomes a registry version with the alias moved "
+        "to it. Bad input exits 2. Example: medgpt evaluate --checkpoint runs/tiny-cpu --data "
         "data/icd10cm --max-loss 5 --register",
     )
     _add_evaluate_arguments(e)

@@ -11,6 +11,11 @@ token is scored exactly once and, after the first window, with at least
 The mean is over tokens (not documents or batches), accumulated in float64, so it does not
 depend on batch size or order. Per-source figures come from the dataset's document index
 (``medgpt prepare``) or from the reader of a raw source.
+
+Tasks (``--task``, :mod:`medgpt.benchmark`) score the same models on benchmarks beside the loss:
+``medquad-mc`` builds multiple-choice questions from the held-out question-answer pairs of the
+model's training corpus (or ``--qa-data``); the gate can require an accuracy
+(``--min-accuracy``, on acc_norm) as well as, or instead of, a loss.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from medgpt.benchmark import CPU_HEAD_CHUNK, Benchmark, BenchmarkConfig, SplitRule
 from medgpt.checkpoint import resolve_device
 from medgpt.config import ConfigError
 from medgpt.errors import DataError
@@ -359,8 +365,10 @@ def _score_batch(
     hidden = model.features(xt)
     rows, cols = torch.nonzero(yt >= 0, as_tuple=True)
     nll = torch.empty(len(rows), dtype=torch.float64, device=device)
-    for a in range(0, len(rows), cfg.head_chunk):
-        r, c = rows[a : a + cfg.head_chunk], cols[a : a + cfg.head_chunk]
+    # On a CPU, chunks of at most CPU_HEAD_CHUNK rows: several times faster (benchmark.py).
+    chunk = min(cfg.head_chunk, CPU_HEAD_CHUNK) if device.type == "cpu" else cfg.head_chunk
+    for a in range(0, len(rows), chunk):
+        r, c = rows[a : a + chunk], cols[a : a + chunk]
         logits = model.lm_head(hidden[r, c]).float()
         nll[a : a + len(r)] = F.cross_entropy(logits, yt[r, c], reduction="none").double()
     per_row = torch.zeros(len(batch), dtype=torch.float64, device=device)
@@ -407,17 +415,32 @@ class GateRequest:
     experiment: str = "medgpt-evaluation"  # for evaluations of checkpoints without a run
     mlflow: bool = True
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    tasks: list[str] = dataclasses.field(default_factory=list)  # benchmarks: medgpt.benchmark
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
+    min_accuracy: float | None = None  # the gate on every task's acc_norm
+    export_lm_eval: str | None = None  # folder for the tasks' items as lm-eval tasks
 
     def __post_init__(self) -> None:
+        from medgpt.benchmark import check_tasks
         from medgpt.data.prepare import SPLITS
 
         if self.split not in SPLITS:
             raise ConfigError(f"split: {self.split!r} (allowed: {', '.join(SPLITS)})")
         if self.max_loss is not None and not (self.max_loss > 0 and math.isfinite(self.max_loss)):
             raise ConfigError(f"max_loss: must be a positive number of nats, got {self.max_loss}")
-        if self.register and self.max_loss is None:
+        self.tasks = check_tasks(self.tasks)
+        if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
             raise ConfigError(
-                "--register needs --max-loss: only a model that passed the gate is registered"
+                f"min_accuracy: must be a fraction in [0, 1], got {self.min_accuracy}"
+            )
+        if self.min_accuracy is not None and not self.tasks:
+            raise ConfigError("--min-accuracy needs --task: the accuracy of which benchmark?")
+        if self.export_lm_eval is not None and not self.tasks:
+            raise ConfigError("--export-lm-eval needs --task: the items of which benchmark?")
+        if self.register and self.max_loss is None and self.min_accuracy is None:
+            raise ConfigError(
+                "--register needs --max-loss or --min-accuracy: only a model that passed the "
+                "gate is registered"
             )
         if self.register and not self.mlflow:
             raise ConfigError("--register needs MLflow (drop --no-mlflow)")
@@ -498,13 +521,254 @@ def check_compatible(c: Candidate, data: EvalData) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Tasks: the benchmarks of medgpt.benchmark, scored beside the loss
+
+
+@dataclasses.dataclass
+class PreparedTask:
+    """A task's items, with the token counts of its model-free unigram baseline."""
+
+    bench: Benchmark
+    counts: np.ndarray
+    counts_from: str
+    counted_tokens: int
+
+
+def split_rule_for(model: Candidate, data: EvalData) -> SplitRule:
+    """How the model's training corpus was split into train and validation: the manifest of
+    the dataset its checkpoint was trained on (when it is here and its hash matches the
+    checkpoint's), else that of ``--data`` when it is a prepared dataset, else prepare's
+    defaults. Which one was used goes into the report."""
+    from medgpt.data.loader import read_manifest
+    from medgpt.data.prepare import MANIFEST
+
+    trained_on = model.meta.get("data_dir")
+    if trained_on and (Path(trained_on) / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(trained_on)
+        except DataError:
+            manifest = None
+        wanted = model.meta.get("data_manifest_hash")
+        if manifest is not None and wanted in (None, manifest.get("content_hash")):
+            return SplitRule.from_manifest(
+                manifest, trained_on, f"the model's training data {trained_on}"
+            )
+    if data.description.get("kind") == "prepared":
+        path = data.description["path"]
+        return SplitRule.from_manifest(read_manifest(path), path, f"the evaluation data {path}")
+    return SplitRule.defaults()
+
+
+def check_task_models(names: list[str], cfg: BenchmarkConfig, candidates: list[Candidate]) -> None:
+    """Every model can be scored on the tasks: GPT-2's tokenizer, room for an option."""
+    from medgpt.benchmark import check_tokenizer
+
+    for name in names:
+        for c in candidates:
+            check_tokenizer(name, c.spec, c.tokenizer, c.model.config.vocab_size)
+            if cfg.answer_tokens >= c.model.config.block_size:
+                raise ConfigError(
+                    f"--answer-tokens {cfg.answer_tokens}: {c.spec} has a context of "
+                    f"{c.model.config.block_size} tokens; the option budget must be smaller"
+                )
+
+
+def prepare_tasks(
+    names: list[str],
+    cfg: BenchmarkConfig,
+    candidates: list[Candidate],
+    data: EvalData,
+    export: Path | None = None,
+    log: Any = print,
+) -> list[PreparedTask]:
+    """Check the models against the tasks, then build each task's items and its baseline's
+    counts: everything that can refuse the input happens here, before any scoring."""
+    if not names:
+        return []
+    from medgpt.benchmark import build_benchmark, check_export_dir, qa_sources, train_token_counts
+
+    check_task_models(names, cfg, candidates)
+    if export is not None:
+        check_export_dir(export)
+    rule = split_rule_for(candidates[0], data)
+    counts: np.ndarray | None = None
+    counted, counts_from = 0, ""
+    if rule.data_dir is not None:
+        counts, counted = train_token_counts(rule.data_dir)
+        counts_from = f"the train split of {rule.data_dir}"
+    out = []
+    for name in names:
+        specs = qa_sources(rule, cfg, name)
+        log(f"{name}: items from {', '.join(s.uri for s in specs)} (held out as in {rule.origin})")
+        bench = build_benchmark(name, specs, rule, cfg, count_tokens=counts is None)
+        if counts is None:
+            own = bench.qa_train_counts
+            out.append(
+                PreparedTask(
+                    bench,
+                    own,
+                    "the training-split documents of the question-answer sources",
+                    int(own.sum()),
+                )
+            )
+        else:
+            out.append(PreparedTask(bench, counts, counts_from, counted))
+    return out
+
+
+def score_task(
+    task: PreparedTask,
+    candidates: list[Candidate],
+    cfg: EvalConfig,
+    device: torch.device,
+    log: Any = print,
+) -> dict[str, Any]:
+    """A task's entry of report.json: every model's accuracies, the unigram baseline, chance."""
+    from medgpt.benchmark import TASKS, accuracies, method, score_model, unigram_loglikelihoods
+
+    b = task.bench
+    log(f"{b.task}: scoring {len(b.items):,} items x {b.config.choices} choices")
+    models = [
+        {"label": c.label, "spec": c.spec, **score_model(c.model, b, device, cfg.batch_tokens,
+                                                          cfg.head_chunk)}
+        for c in candidates
+    ]  # fmt: skip
+    unigram = accuracies(b, unigram_loglikelihoods(b, task.counts))
+    return {
+        "task": b.task,
+        "about": TASKS[b.task],
+        "items": len(b.items),
+        "choices": b.config.choices,
+        "chance": b.chance,
+        "method": method(b),
+        "data": b.description,
+        "model": models[0],
+        "baselines": models[1:],
+        "unigram_baseline": {
+            "counts_from": task.counts_from,
+            "tokens": task.counted_tokens,
+            **unigram,
+        },
+        "lm_eval_export": None,
+    }
+
+
+def decide_gate(
+    max_loss: float | None,
+    min_accuracy: float | None,
+    loss: float,
+    task_reports: dict[str, Any],
+) -> dict[str, Any] | None:
+    """report.json's ``gate``: every threshold given must hold (acc_norm of every task)."""
+    if max_loss is None and min_accuracy is None:
+        return None
+    gate: dict[str, Any] = {}
+    passed = True
+    if max_loss is not None:
+        gate.update(max_loss=max_loss, loss=loss)
+        passed = passed and loss <= max_loss
+    if min_accuracy is not None:
+        accuracy = {t: r["model"]["acc_norm"] for t, r in task_reports.items()}
+        gate.update(min_accuracy=min_accuracy, accuracy_metric="acc_norm", accuracy=accuracy)
+        passed = passed and all(v >= min_accuracy for v in accuracy.values())
+    gate["passed"] = passed
+    return gate
+
+
+def task_metrics(name: str, entry: dict[str, Any], key: Any = str) -> dict[str, float]:
+    """A task's MLflow metrics: ``<task>_acc``, ``<task>_acc_norm`` (and its interval), the
+    unigram baseline and chance, acc_norm per source, per question type and per baseline
+    model. ``key`` makes a metric name of text (tracking.metric_key)."""
+    from medgpt.benchmark import metric_prefix
+
+    p = metric_prefix(name)
+    m, u = entry["model"], entry["unigram_baseline"]
+    out = {
+        f"{p}_acc": m["acc"],
+        f"{p}_acc_norm": m["acc_norm"],
+        f"{p}_acc_norm_ci_low": m["acc_norm_ci95"][0],
+        f"{p}_acc_norm_ci_high": m["acc_norm_ci95"][1],
+        f"{p}_items": float(entry["items"]),
+        f"{p}_chance": entry["chance"],
+        f"{p}_unigram_acc": u["acc"],
+        f"{p}_unigram_acc_norm": u["acc_norm"],
+    }
+    for source, v in m["per_source"].items():
+        out[key(f"{p}_acc_norm.{source}")] = v["acc_norm"]
+    for qtype, v in m["per_type"].items():
+        out[key(f"{p}_acc_norm.type.{qtype}")] = v["acc_norm"]
+    for b in entry["baselines"]:
+        out[key(f"{p}_acc_norm.{b['label']}")] = b["acc_norm"]
+    return out
+
+
+def score_checkpoints(
+    checkpoints: list[str],
+    tasks: list[str],
+    cfg: BenchmarkConfig,
+    data: list[str],
+    eval_cfg: EvalConfig | None = None,
+    storage_path: str = "runs",
+    tracking_uri: str | None = None,
+) -> list[dict[str, float]]:
+    """Each checkpoint's ``<task>_acc`` and ``<task>_acc_norm`` on items built once (held out
+    as in the first checkpoint's training data, ``data`` the fallback): how a sweep ranks its
+    trials by a task. One model in memory at a time."""
+    from medgpt import tracking
+    from medgpt.benchmark import check_tasks, metric_prefix, score_model
+
+    eval_cfg = eval_cfg or EvalConfig()
+    tasks = check_tasks(tasks)
+    storage = Path(storage_path).resolve()
+    uri = tracking.tracking_uri_for(str(storage), tracking_uri)
+    device = resolve_device(eval_cfg.device)
+    ev = load_eval_data(data)
+    prepared: list[PreparedTask] | None = None
+    out = []
+    for spec in checkpoints:
+        c = load_candidate("model", spec, uri, storage / "downloads", device)
+        if prepared is None:
+            prepared = prepare_tasks(tasks, cfg, [c], ev, log=lambda *_: None)
+        else:
+            check_task_models(tasks, cfg, [c])
+        metrics: dict[str, float] = {}
+        for t in prepared:
+            s = score_model(c.model, t.bench, device, eval_cfg.batch_tokens, eval_cfg.head_chunk)
+            p = metric_prefix(t.bench.task)
+            metrics[f"{p}_acc"] = s["acc"]
+            metrics[f"{p}_acc_norm"] = s["acc_norm"]
+        out.append(metrics)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class GateOutcome:
-    """The gate's verdict: ``loss`` (nats/token) against ``max_loss``."""
+    """The gate's verdict: ``loss`` (nats/token) against ``max_loss`` and, with tasks, each
+    task's acc_norm (``accuracy``, by task) against ``min_accuracy``; either may be absent."""
 
-    max_loss: float
-    loss: float
     passed: bool
+    max_loss: float | None = None
+    loss: float | None = None
+    min_accuracy: float | None = None
+    accuracy: dict[str, float] | None = None
+
+    def conditions(self) -> list[tuple[str, bool]]:
+        """Each threshold as text (``loss 4.5000 <= 5.0``) and whether it held."""
+        out = []
+        if self.max_loss is not None and self.loss is not None:
+            ok = self.loss <= self.max_loss
+            out.append((f"loss {self.loss:.4f} {'<=' if ok else '>'} {self.max_loss}", ok))
+        if self.min_accuracy is not None:
+            for task, acc in (self.accuracy or {}).items():
+                ok = acc >= self.min_accuracy
+                op = ">=" if ok else "<"
+                out.append((f"{task} acc_norm {acc:.4f} {op} {self.min_accuracy}", ok))
+        return out
+
+    def summary(self) -> str:
+        """``PASS: loss 4.5000 <= 5.0; medquad-mc acc_norm 0.3100 >= 0.3``."""
+        return f"{'PASS' if self.passed else 'FAIL'}: " + "; ".join(c for c, _ in self.conditions())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -593,6 +857,11 @@ class GateReport:
     def markdown(self) -> Path:
         return Path(self.report_dir) / "report.md"
 
+    @property
+    def tasks(self) -> dict[str, Any]:
+        """The tasks' entries of report.json, by task name (empty without ``--task``)."""
+        return self.data.get("tasks") or {}
+
 
 def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -> GateReport:
     """Score, write the report, record it in MLflow, apply the gate, register on PASS.
@@ -621,6 +890,8 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
         check_compatible(c, data)
     out = _report_dir(req, storage, main)
     _check_report_dir(out)  # before the work, not after it
+    export = Path(req.export_lm_eval).resolve() if req.export_lm_eval else None
+    tasks = prepare_tasks(req.tasks, req.benchmark, candidates, data, export, log)
 
     log(f"evaluating {main.path} on {describe_data(data.description)} ({device})")
     started = time.perf_counter()
@@ -655,9 +926,8 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
                 else [],
             }
         )
-    gate = None
-    if req.max_loss is not None:
-        gate = {"max_loss": req.max_loss, "loss": total.loss, "passed": total.loss <= req.max_loss}
+    task_reports = {t.bench.task: score_task(t, candidates, req.eval, device, log) for t in tasks}
+    gate = decide_gate(req.max_loss, req.min_accuracy, total.loss, task_reports)
     report: dict[str, Any] = {
         "format": "medgpt-evaluation",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -675,6 +945,14 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
         "mlflow": None,
         "seconds": time.perf_counter() - started,
     }
+    if tasks:
+        report["tasks"] = task_reports
+    if export is not None:
+        from medgpt.benchmark import export_lm_eval
+
+        export_lm_eval([t.bench for t in tasks], export)
+        for r in task_reports.values():
+            r["lm_eval_export"] = str(export)
     write_report(report, out)
 
     if req.mlflow:
@@ -690,10 +968,17 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
             metrics[tracking.metric_key(f"eval_loss.{name}")] = v["loss"]
         for b in results[1:]:
             metrics[tracking.metric_key(f"eval_loss.{b['label']}")] = b["loss"]
+        for name, r in task_reports.items():
+            metrics.update(task_metrics(name, r, tracking.metric_key))
         tags = {"eval.checkpoint": str(main.path), "eval.data": describe_data(data.description)}
+        if task_reports:
+            tags["eval.tasks"] = ",".join(task_reports)
         if gate is not None:
             tags["eval.gate"] = "PASS" if gate["passed"] else "FAIL"
-            tags["eval.max_loss"] = str(req.max_loss)
+            if req.max_loss is not None:
+                tags["eval.max_loss"] = str(req.max_loss)
+            if req.min_accuracy is not None:
+                tags["eval.min_accuracy"] = str(req.min_accuracy)
         report["mlflow"] = {"tracking_uri": uri, "run_id": run_id, "training_run": is_training_run}
         if gate is not None and gate["passed"] and req.register:
             report["registered"] = registry.register_checkpoint(
@@ -702,17 +987,24 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
                 run_id,
                 req.model_name,
                 req.alias,
-                tags=_version_tags(main, total.loss, data.description),
+                tags=_version_tags(main, total.loss, data.description, task_reports),
             )
         write_report(report, out)
         tracking.log_evaluation(uri, run_id, metrics, tags, out)
     return GateReport(report, str(out))
 
 
-def _version_tags(c: Candidate, loss: float, data: dict[str, Any]) -> dict[str, str]:
+def _version_tags(
+    c: Candidate, loss: float, data: dict[str, Any], task_reports: dict[str, Any]
+) -> dict[str, str]:
     from medgpt import tracking
+    from medgpt.benchmark import metric_prefix
 
     tags = {
+        **{
+            f"{metric_prefix(t)}_acc_norm": f"{r['model']['acc_norm']:.6f}"
+            for t, r in task_reports.items()
+        },
         "eval_loss": f"{loss:.6f}",
         "eval_data": describe_data(data),
         "eval_data_hash": str(data.get("content_hash", "")),
@@ -755,13 +1047,18 @@ def _check_report_dir(out: Path) -> None:
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
-    """Write report.json, report.md and per_source_loss.png into ``out`` atomically (a
-    staging folder renamed into place; a previous report there is replaced)."""
+    """Write report.json, report.md and per_source_loss.png (and a task's
+    ``<task>_per_source.png``) into ``out`` atomically (a staging folder renamed into place; a
+    previous report there is replaced)."""
     _check_report_dir(out)
+    from medgpt.benchmark import metric_prefix
+
     with staged_dir(out) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
         per_source_png(report, tmp / "per_source_loss.png")
+        for name in report.get("tasks") or {}:
+            task_png(report, name, tmp / f"{metric_prefix(name)}_per_source.png")
     return out
 
 
@@ -791,9 +1088,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     gate = report.get("gate")
     if gate:
-        verdict = "PASS" if gate["passed"] else "FAIL"
-        op = "<=" if gate["passed"] else ">"
-        lines += ["", f"**Gate: {verdict}** — loss {gate['loss']:.4f} {op} {gate['max_loss']}"]
+        outcome = _typed(GateOutcome, gate)
+        verdict = "PASS" if outcome.passed else "FAIL"
+        lines += ["", f"**Gate: {verdict}** — " + "; ".join(c for c, _ in outcome.conditions())]
     reg = report.get("registered")
     if reg:
         lines += ["", f"Registered as `{reg['model_uri']}`, alias `{reg['alias']}`."]
@@ -803,6 +1100,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, s in report["model"]["per_source"].items():
         losses = " | ".join(_fmt(m["per_source"].get(name, {}).get("loss")) for m in models)
         lines.append(f"| {name} | {s['documents']:,} | {s['tokens']:,} | {losses} |")
+    for name, entry in (report.get("tasks") or {}).items():
+        lines += render_task_markdown(name, entry)
     for m in models:
         if m.get("samples"):
             lines += ["", f"## Samples ({m['label']}; temperature 0.8, top-k 40, fixed seeds)", ""]
@@ -810,6 +1109,106 @@ def render_markdown(report: dict[str, Any]) -> str:
                 text = " ".join(s["completion"].split())
                 lines.append(f"- **{s['prompt']}** {text}")
     return "\n".join(lines) + "\n"
+
+
+def _ci(values: list[float]) -> str:
+    lo, hi = values
+    return f"{lo:.3f}–{hi:.3f}" if math.isfinite(lo) else "–"
+
+
+def render_task_markdown(name: str, entry: dict[str, Any]) -> list[str]:
+    """A task's section of report.md: the accuracies beside chance and the baseline, then
+    acc_norm per source and per question type."""
+    d, m = entry["data"], entry["method"]
+    scorers = [entry["model"], *entry["baselines"]]
+    unigram = entry["unigram_baseline"]
+    lines = [
+        "",
+        f"## {name}: {entry['about']}",
+        "",
+        f"{entry['items']:,} questions with {entry['choices']} choices each, from "
+        f"{', '.join(d['sources'])}: {d['pairs_read']:,} question-answer pairs read, "
+        f"{d['held_out_pairs']:,} held out (seed {d['split']['seed']}, validation share "
+        f"{d['split']['val_fraction']}, as in {d['split']['from']}), "
+        f"{d['left_out_shared_with_training']:,} of them left out for sharing a question or "
+        "an answer with the training split. Prompt `Question: {question}\\nAnswer:`, each "
+        f"option its continuation, cut to {m['answer_tokens']} tokens. acc: the option with "
+        "the highest summed log-likelihood; acc_norm: the highest per character (lm-eval's); "
+        "95% Wilson intervals. Baseline: add-one smoothed unigram log-likelihood under "
+        f"{unigram['counts_from']} ({unigram['tokens']:,} tokens).",
+        "",
+        "| scorer | acc | 95% CI | acc_norm | 95% CI | items/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in scorers:
+        lines.append(
+            f"| {s['label']}: `{s['spec']}` | {_fmt(s['acc'])} | {_ci(s['acc_ci95'])} | "
+            f"{_fmt(s['acc_norm'])} | {_ci(s['acc_norm_ci95'])} | {_fmt(s.get('items_per_s'), 1)} |"
+        )
+    lines.append(
+        f"| unigram baseline (no model) | {_fmt(unigram['acc'])} | {_ci(unigram['acc_ci95'])} | "
+        f"{_fmt(unigram['acc_norm'])} | {_ci(unigram['acc_norm_ci95'])} | – |"
+    )
+    lines.append(f"| chance (1/{entry['choices']}) | {_fmt(entry['chance'])} | – | "
+                 f"{_fmt(entry['chance'])} | – | – |")  # fmt: skip
+    for title, key in (("source", "per_source"), ("question type", "per_type")):
+        heads = " | ".join(f"acc_norm ({s['label']})" for s in scorers)
+        lines += [
+            "",
+            f"### {name} per {title}",
+            "",
+            f"| {title} | items | {heads} | acc_norm (unigram) |",
+            "|---|---:|" + "---:|" * (len(scorers) + 1),
+        ]
+        for group, v in entry["model"][key].items():
+            accs = " | ".join(_fmt(s[key].get(group, {}).get("acc_norm")) for s in scorers)
+            lines.append(
+                f"| {group} | {v['items']:,} | {accs} | "
+                f"{_fmt(unigram[key].get(group, {}).get('acc_norm'))} |"
+            )
+    if entry.get("lm_eval_export"):
+        lines += ["", f"Exported as an lm-evaluation-harness task: `{entry['lm_eval_export']}`."]
+    return lines
+
+
+def task_png(report: dict[str, Any], name: str, path: Path, max_sources: int = 30) -> Path:
+    """acc_norm per source of every model and the unigram baseline, with chance (and the
+    gate's min_accuracy) as lines."""
+    from medgpt.plots import figure
+
+    entry = report["tasks"][name]
+    unigram = entry["unigram_baseline"]
+    scorers = [
+        *((f"{s['label']} ({_fmt(s['acc_norm'], 3)})", s) for s in
+          [entry["model"], *entry["baselines"]]),
+        (f"unigram baseline ({_fmt(unigram['acc_norm'], 3)})", unigram),
+    ]  # fmt: skip
+    per = entry["model"]["per_source"]
+    names = sorted(per, key=lambda n: -per[n]["items"])[:max_sources]
+    names.sort()
+    height = 0.8 / len(scorers)
+    size = (8, 1.4 + 0.35 * len(names) * max(1, len(scorers) * 0.6))
+    with figure(path, size, dpi=100) as ax:
+        for i, (label, s) in enumerate(scorers):
+            values = [s["per_source"].get(n, {}).get("acc_norm", math.nan) for n in names]
+            ys = [j + i * height for j in range(len(names))]
+            ax.barh(ys, values, height=height, label=label)
+        ax.set_yticks([j + height * (len(scorers) - 1) / 2 for j in range(len(names))])
+        ax.set_yticklabels([f"{n[:34]} ({per[n]['items']})" for n in names], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(
+            entry["chance"], color="gray", ls=":", lw=1, label=f"chance {entry['chance']:.2f}"
+        )
+        gate = report.get("gate") or {}
+        if gate.get("min_accuracy") is not None:
+            ax.axvline(gate["min_accuracy"], color="crimson", ls="--", lw=1,
+                       label=f"gate {gate['min_accuracy']}")  # fmt: skip
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("acc_norm")
+        ax.set_title(f"{name}: accuracy per source ({entry['items']} items)", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    return path
 
 
 def per_source_png(report: dict[str, Any], path: Path, max_sources: int = 30) -> Path:
@@ -830,7 +1229,7 @@ def per_source_png(report: dict[str, Any], path: Path, max_sources: int = 30) ->
         ax.set_yticklabels([n[:40] for n in names], fontsize=8)
         ax.invert_yaxis()
         gate = report.get("gate")
-        if gate:
+        if gate and gate.get("max_loss") is not None:
             ax.axvline(
                 gate["max_loss"], color="crimson", ls="--", lw=1, label=f"gate {gate['max_loss']}"
             )

@@ -10,6 +10,12 @@ MLflow gets one parent run for the sweep and a child run per trial (the trial's 
 run, with its params and per-step curves); the parent carries the trial table and a PNG of the
 val_loss curves. The best checkpoint of all trials then goes through the readiness gate.
 
+``sweep.metric`` picks the winner: ``val_loss`` (lowest; the default) or a task's accuracy,
+``medquad_mc_acc_norm`` or ``medquad_mc_acc`` (highest): every trial's best checkpoint (by its
+val_loss) is then scored on the task's items, built once, and the trial with the highest
+accuracy wins (ties: the lower val_loss). ASHA and the search algorithm still see val_loss,
+the only figure a trial reports while it trains; the task decides which model is gated.
+
 A sweep file (``configs/tune-*.yaml``) has these sections:
 
     recipe: tiny-cpu.yaml        # the training recipe every trial starts from (or a mapping)
@@ -18,7 +24,7 @@ A sweep file (``configs/tune-*.yaml``) has these sections:
       train.lr: {loguniform: [3.0e-4, 3.0e-3]}
       model.n_embd: {choice: [64, 128]}
     sweep: {name: tune-tiny-cpu, num_samples: 4, grace_period: 20}
-    gate: {max_loss: 6.0}
+    gate: {max_loss: 6.0}        # and/or min_accuracy with tasks: [medquad-mc]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medgpt.benchmark import BenchmarkConfig, check_tasks, task_metrics
 from medgpt.config import (
     ModelConfig,
     Override,
@@ -143,8 +150,23 @@ class SweepConfig:
     grace_period: int = 0  # steps before ASHA may stop a trial; 0 = train.eval_every
     reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
     trial_memory_mb: int = 256  # reserved for each trial's driver (it holds no CPU)
+    # What picks the best trial: val_loss (lowest) or a task's accuracy (highest), see above.
+    metric: str = option("val_loss", flag="--metric", help="val_loss | medquad_mc_acc_norm | "
+                         "medquad_mc_acc: what picks the best trial (sweep.metric)")  # fmt: skip
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.metric == "val_loss" else "max"
+
+    @property
+    def task(self) -> str | None:
+        """The task whose accuracy is the metric, if it is one."""
+        return task_metrics().get(self.metric)
 
     def __post_init__(self) -> None:
+        allowed = ["val_loss", *task_metrics()]
+        if self.metric not in allowed:
+            raise ConfigError(f"metric: {self.metric!r} (allowed: {', '.join(allowed)})")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"name: must be a plain folder name, got {self.name!r}")
         for field in ("num_samples", "trial_memory_mb"):
@@ -169,10 +191,28 @@ class GateConfig:
         None, flag="--max-loss", help="the gate's threshold (gate.max_loss)"
     )
     data: list[str] | None = None  # default: the recipe's dataset (its val split)
+    # Benchmarks scored with the gate (medgpt evaluate --task); min_accuracy gates their acc_norm.
+    tasks: list[str] = option(  # noqa: RUF009 - a dataclasses.field
+        default_factory=list, flag="--task", help="a benchmark the gate scores, repeatable"
+    )
+    min_accuracy: float | None = option(
+        None, flag="--min-accuracy", help="the gate on every task's acc_norm (gate.min_accuracy)"
+    )
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
 
     def __post_init__(self) -> None:
         if self.max_loss is not None and not (self.max_loss > 0 and math.isfinite(self.max_loss)):
             raise ConfigError(f"max_loss: must be a positive number of nats, got {self.max_loss}")
+        self.tasks = check_tasks(self.tasks)
+        if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
+            raise ConfigError(
+                f"min_accuracy: must be a fraction in [0, 1], got {self.min_accuracy}"
+            )
+
+    @property
+    def defined(self) -> bool:
+        """Whether the sweep file asks for a gate (a loss or an accuracy threshold)."""
+        return self.max_loss is not None or self.min_accuracy is not None
 
 
 @dataclasses.dataclass
@@ -186,13 +226,14 @@ class TuneSpec:
 
     def fingerprint(self) -> str:
         """What a restored sweep must match: the trials' recipe and the search."""
+        # The metric only ranks finished trials: changing it does not change the trials.
         body = {
             "recipe": self.recipe,
             "space": [dataclasses.asdict(d) for d in self.space],
             "sweep": {
                 k: v
                 for k, v in dataclasses.asdict(self.sweep).items()
-                if k not in ("max_concurrent_trials", "trial_memory_mb")
+                if k not in ("max_concurrent_trials", "trial_memory_mb", "metric")
             },
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -215,17 +256,22 @@ class TrialResult:
     best_checkpoint: str | None
     mlflow_run_id: str | None
     error: str | None  # the last line of the trial's error
+    # With a task as sweep.metric: its metrics on the best checkpoint (medquad_mc_acc, ...).
+    metrics: dict[str, float] | None = None
 
 
 @dataclasses.dataclass
 class BestTrial:
-    """The trial whose checkpoint had the lowest val_loss of the whole sweep."""
+    """The trial whose checkpoint had the lowest val_loss of the whole sweep, or, with a task
+    as ``sweep.metric``, the highest ``metric_value``."""
 
     trial_id: str
     values: dict[str, Any]
     val_loss: float
     checkpoint: str
     mlflow_run_id: str | None
+    metric: str = "val_loss"
+    metric_value: float | None = None
 
 
 @dataclasses.dataclass
@@ -251,12 +297,20 @@ class SweepResult:
         return Path(self.sweep_dir) / RESULT_FILE
 
     def to_dict(self) -> dict[str, Any]:
+        # The task fields appear only when a task ranked the trials: the file keeps its shape.
+        trials = [dataclasses.asdict(t) for t in self.trials]
+        for t in trials:
+            if t["metrics"] is None:
+                del t["metrics"]
+        best = dataclasses.asdict(self.best)
+        if best["metric"] == "val_loss":
+            del best["metric"], best["metric_value"]
         out: dict[str, Any] = {
             "name": self.name,
             "mlflow_parent_run_id": self.mlflow_parent_run_id,
             "mlflow_tracking_uri": self.mlflow_tracking_uri,
-            "trials": [dataclasses.asdict(t) for t in self.trials],
-            "best": dataclasses.asdict(self.best),
+            "trials": trials,
+            "best": best,
             "counts": self.counts,
             "seconds": self.seconds,
             "sweep_dir": self.sweep_dir,
@@ -291,7 +345,13 @@ def load_spec(path: str | Path, overrides: list[str | Override] | None = None) -
         # sweep.KEY, gate.KEY and space.SECTION.KEY land in their sections; the sections
         # "overrides" and "space" are keyed by the recipe's dotted keys, as in the file.
         section = o.head if o.head in ("sweep", "gate", "space") else "overrides"
-        data[section] = {**data[section], (o.key if section == "overrides" else o.rest): o.value}
+        if section in ("sweep", "gate"):  # gate.benchmark.KEY is a nested section's key
+            data[section] = set_path(data[section], o.rest.split("."), o.value, o.given or o.key)
+        else:
+            data[section] = {
+                **data[section],
+                (o.key if section == "overrides" else o.rest): o.value,
+            }
 
     base = data.get("recipe")
     if base is None:
@@ -318,6 +378,11 @@ def load_spec(path: str | Path, overrides: list[str | Override] | None = None) -
     if not space:
         raise ConfigError(
             f"{p}: space: empty search space (add e.g. train.lr: {{loguniform: [1.0e-4, 3.0e-3]}})"
+        )
+    if gate.min_accuracy is not None and not gate.tasks and sweep.task is None:
+        raise ConfigError(
+            "gate.min_accuracy: needs gate.tasks (or a task as sweep.metric): the accuracy of "
+            "which benchmark?"
         )
     spec = TuneSpec(recipe, space, sweep, gate)
     check_space(spec)
@@ -550,8 +615,10 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> Sweep
     from medgpt import preflight, tracking
     from medgpt.launch import connect_ray, resolve_paths, validate
 
-    if register and spec.gate.max_loss is None:
-        raise ConfigError("--register needs a gate: set gate.max_loss (or --max-loss)")
+    if register and not spec.gate.defined:
+        raise ConfigError(
+            "--register needs a gate: set gate.max_loss (or --max-loss) or gate.min_accuracy"
+        )
     # Of the file as written (recipe + overrides, space, search): defaults that a newer medgpt
     # adds to the recipe must not make a sweep unresumable.
     fingerprint = spec.fingerprint()
@@ -650,22 +717,48 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> Sweep
     started = time.time()
     grid = tuner.fit()
     summary = summarize(grid, spec, trials_dir, uri, parent_id, max_steps)
+    data = spec.gate.data or [base.train.data_dir]
+    if sweep.task is not None:
+        from medgpt.evaluation import score_checkpoints
+
+        log(f"medgpt tune: ranking the trials by {sweep.metric} (their best checkpoints)")
+        rank_trials(
+            summary,
+            sweep.metric,
+            lambda paths: score_checkpoints(
+                paths,
+                [sweep.task],
+                spec.gate.benchmark,
+                data,
+                storage_path=job.storage_path,
+                tracking_uri=job.mlflow_tracking_uri,
+            ),
+        )
+        client = tracking.mlflow_client(uri)
+        for t in summary.trials:
+            for name, value in (t.metrics or {}).items():
+                if t.mlflow_run_id and math.isfinite(value):
+                    client.log_metric(t.mlflow_run_id, name, value)
     summary.seconds = round(time.time() - started, 1)
     summary.sweep_dir = str(sweep_dir)
     record_parent(uri, parent_id, summary)
 
-    if spec.gate.max_loss is not None:
+    if spec.gate.defined:
         from medgpt.evaluation import EvalConfig, GateRequest, run_gate
 
+        tasks = [*spec.gate.tasks, *([sweep.task] if sweep.task else [])]
         report = run_gate(
             GateRequest(
                 checkpoint=summary.best.checkpoint,
-                data=spec.gate.data or [base.train.data_dir],
+                data=data,
                 max_loss=spec.gate.max_loss,
                 register=register,
                 storage_path=job.storage_path,
                 tracking_uri=job.mlflow_tracking_uri,
                 eval=EvalConfig(samples=False),
+                tasks=tasks,
+                benchmark=spec.gate.benchmark,
+                min_accuracy=spec.gate.min_accuracy,
             ),
             progress=False,
             log=log,
@@ -677,7 +770,10 @@ def run_sweep(spec: TuneSpec, register: bool = False, log: Any = print) -> Sweep
         gate = report.gate
         assert gate is not None  # max_loss was given
         client.set_tag(parent_id, "gate", "PASS" if gate.passed else "FAIL")
-        client.log_metric(parent_id, "gate_eval_loss", gate.loss)
+        if gate.loss is not None:
+            client.log_metric(parent_id, "gate_eval_loss", gate.loss)
+        for task, acc in (gate.accuracy or {}).items():
+            client.log_metric(parent_id, f"gate_{task.replace('-', '_')}_acc_norm", acc)
         if report.registered is not None:
             client.set_tag(parent_id, "registered", report.registered.model_uri)
     summary.result_file.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
@@ -771,6 +867,36 @@ def summarize(
     )
 
 
+def rank_trials(summary: SweepResult, metric: str, score: Any) -> None:
+    """Make the trial with the highest ``metric`` the sweep's best (ties: the lower val_loss):
+    ``score`` maps the trials' best checkpoints to their metrics (one dict per checkpoint).
+    Each scored trial keeps its metrics; a trial without a checkpoint cannot win."""
+    scored = [
+        t for t in summary.trials
+        if t.best_checkpoint and isinstance(t.best_val_loss, (int, float))
+    ]  # fmt: skip
+    if not scored:
+        return  # summarize has already refused a sweep without any checkpoint
+    for t, m in zip(scored, score([t.best_checkpoint for t in scored]), strict=True):
+        t.metrics = dict(m)
+
+    def key(t: TrialResult) -> tuple[float, float]:
+        value = (t.metrics or {}).get(metric, math.nan)
+        return (value if math.isfinite(value) else -math.inf, -float(t.best_val_loss))
+
+    best = max(scored, key=key)
+    assert best.best_checkpoint is not None and best.best_val_loss is not None
+    summary.best = BestTrial(
+        trial_id=best.trial_id,
+        values=best.values,
+        val_loss=best.best_val_loss,
+        checkpoint=best.best_checkpoint,
+        mlflow_run_id=best.mlflow_run_id,
+        metric=metric,
+        metric_value=(best.metrics or {}).get(metric),
+    )
+
+
 def curves_png(rows: list[TrialResult], path: Path) -> Path | None:
     from medgpt.plots import Series, line_chart
 
@@ -786,12 +912,14 @@ def curves_png(rows: list[TrialResult], path: Path) -> Path | None:
 
 def trial_table(rows: list[TrialResult]) -> str:
     keys = sorted({k for r in rows for k in r.values})
-    head = ["trial", "status", "last step", "best val_loss", *keys]
+    measured = sorted({k for r in rows for k in (r.metrics or {})})
+    head = ["trial", "status", "last step", "best val_loss", *measured, *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         v = r.best_val_loss
         cells = [r.trial_id, r.status, str(r.last_step),
                  f"{v:.4f}" if isinstance(v, (int, float)) else "-",
+                 *(_fmt_value((r.metrics or {}).get(k, "-")) for k in measured),
                  *(_fmt_value(r.values.get(k)) for k in keys)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -823,6 +951,8 @@ def record_parent(uri: str, parent_id: str, summary: SweepResult) -> None:
             client.log_artifact(parent_id, str(png))
     best = summary.best
     client.log_metric(parent_id, "best_val_loss", float(best.val_loss))
+    if best.metric_value is not None and math.isfinite(best.metric_value):
+        client.log_metric(parent_id, f"best_{best.metric}", float(best.metric_value))
     for status, n in summary.counts.items():
         client.log_metric(parent_id, f"trials_{status.replace(' ', '_')}", n)
     client.set_tag(parent_id, "best_trial_id", best.trial_id)

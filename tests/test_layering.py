@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS: list[set[str]] = [
     {"__init__", "errors", "api", "fsutil", "config", "tokenizer", "storage", "procs"},
     {"kernels", "kv_cache", "model", "hf", "quantize", "data", "sharding"},
-    {"checkpoint", "generation", "plots", "plan"},
+    {"checkpoint", "generation", "plots", "plan", "benchmark"},
     {"tracking", "registry", "mlflow_model"},
     {"training", "launch", "evaluation", "tuning", "serving", "demo", "preflight", "stack"},
     {"cli", "jobs", "web"},

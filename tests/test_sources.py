@@ -217,6 +217,26 @@ def test_medquad_one_document_per_answered_pair(medquad_dir):
     assert all(d.group for d in docs)
 
 
+def test_question_answer_documents_keep_the_pair_and_its_type(medquad_dir, tmp_path):
+    # MedQuAD labels each question's type; QA records carry it in a field named by the reader.
+    docs = read(medquad_dir)
+    assert [(d.question, d.answer, d.qtype) for d in docs[:2]] == [
+        ("What is (are) Leukemia ?", "Leukemia is a cancer.", "information"),
+        ("What are the symptoms of Leukemia ?", "Fever and bruising.", "information"),
+    ]
+    rows = [{"q": " Why? ", "a": " Because. ", "kind": "causes"}, {"q": "How?", "a": "So."}]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    spec = SourceSpec(uri=str(path), question_field="q", answer_field="a")
+    got = [(d.question, d.answer, d.qtype) for d in read_source(spec, type_field="kind")]
+    assert got == [("Why?", "Because.", "causes"), ("How?", "So.", None)]
+    assert [d.qtype for d in read_source(spec)] == [None, None]  # no type field asked for
+    table = pa.table({"q": ["Why?"], "a": ["Because."], "kind": ["causes"]})
+    pq.write_table(table, tmp_path / "qa.parquet")
+    spec = SourceSpec(uri=str(tmp_path / "qa.parquet"), question_field="q", answer_field="a")
+    assert [d.qtype for d in read_source(spec, type_field="kind")] == ["causes"]
+    assert [d.question for d in read(tmp_path / "qa.parquet", text_field="q")] == [None]
+
+
 def test_medquad_single_file_and_custom_template(medquad_dir):
     path = medquad_dir / "2_GARD_QA" / "0000002_1.xml"
     assert texts(path, question_field="q", answer_field="a", template="{question} -> {answer}") == [

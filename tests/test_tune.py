@@ -369,3 +369,107 @@ def test_search_algorithms(tmp_path) -> None:
                                 "sweep.search=hyperopt"])  # fmt: skip
         with pytest.raises(ConfigError, match="needs the hyperopt package"):
             _search_algorithm(spec.sweep, spec.space, 1)
+
+
+# -- a task as the sweep metric and in the gate (no Ray) ------------------------------------
+
+
+def test_task_metric_and_task_gate_settings(tmp_path) -> None:
+    path = _sweep_file(tmp_path, tmp_path / "data", tmp_path / "runs")
+    plain = load_spec(path)
+    assert plain.sweep.metric == "val_loss" and plain.sweep.mode == "min"
+    assert plain.sweep.task is None and not plain.gate.tasks and not plain.gate.defined
+    spec = load_spec(
+        path,
+        ["sweep.metric=medquad_mc_acc_norm", "gate.min_accuracy=0.3",
+         "gate.benchmark.distractors=2", "gate.benchmark.small_types=any"],
+    )  # fmt: skip
+    assert spec.sweep.task == "medquad-mc" and spec.sweep.mode == "max"
+    assert spec.gate.defined and spec.gate.min_accuracy == 0.3
+    assert spec.gate.benchmark.distractors == 2 and spec.gate.benchmark.small_types == "any"
+    # The metric only ranks finished trials: a sweep can be resumed under another one.
+    assert spec.fingerprint() == plain.fingerprint()
+    tasks = load_spec(path, ["gate.tasks=[medquad-mc]", "gate.min_accuracy=0.3"])
+    assert tasks.gate.tasks == ["medquad-mc"]
+    for overrides, message in [
+        (["sweep.metric=accuracy"], "sweep.metric: 'accuracy' (allowed: val_loss, medquad_mc_acc"),
+        (["gate.min_accuracy=0.3"], "gate.min_accuracy: needs gate.tasks"),
+        (["gate.min_accuracy=2"], "gate.min_accuracy: must be a fraction"),
+        (["gate.tasks=[pubmedqa]"], "unknown task 'pubmedqa' (allowed: medquad-mc)"),
+        (["gate.benchmark.distractors=0"], "gate.benchmark.distractors: must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_spec(path, overrides)
+        assert message in str(e.value), str(e.value)
+
+
+def test_trials_ranked_by_a_task_metric() -> None:
+    from medgpt.tuning import BestTrial, SweepResult, TrialResult, rank_trials, trial_table
+
+    def row(tid: str, loss: float | None, ckpt: str | None) -> TrialResult:
+        return TrialResult(tid, "completed", {"train.lr": 0.001}, 6, [], loss, ckpt, f"run-{tid}",
+                           None)  # fmt: skip
+
+    rows = [row("t1", 4.0, "/c1"), row("t2", 5.0, "/c2"), row("t3", 4.5, "/c3"),
+            row("t4", None, None)]  # fmt: skip
+    result = SweepResult("s", "p", "u", rows, BestTrial("t1", {}, 4.0, "/c1", "run-t1"))
+    accs = {"/c1": 0.30, "/c2": 0.40, "/c3": 0.40}
+    seen = []
+
+    def score(paths: list[str]) -> list[dict[str, float]]:
+        seen.extend(paths)
+        return [{"medquad_mc_acc": accs[p] - 0.1, "medquad_mc_acc_norm": accs[p]} for p in paths]
+
+    rank_trials(result, "medquad_mc_acc_norm", score)
+    assert seen == ["/c1", "/c2", "/c3"]  # a trial without a checkpoint is not scored
+    # The highest accuracy wins; of two equal ones, the lower val_loss.
+    assert result.best.trial_id == "t3" and result.best.checkpoint == "/c3"
+    assert result.best.metric_value == 0.40 and result.best.val_loss == 4.5
+    plain = result.to_dict()
+    assert plain["best"]["metric"] == "medquad_mc_acc_norm"
+    assert plain["trials"][1]["metrics"] == {"medquad_mc_acc": pytest.approx(0.3),
+                                             "medquad_mc_acc_norm": 0.4}  # fmt: skip
+    assert "metrics" not in plain["trials"][3]
+    assert "medquad_mc_acc_norm" in trial_table(rows).splitlines()[0]
+
+
+@pytest.mark.slow
+def test_sweep_ranked_by_the_benchmark(ray_cluster, tmp_path, capsys) -> None:
+    """sweep.metric: medquad_mc_acc_norm on a MedQuAD-shaped dataset: every trial's best
+    checkpoint is scored, the most accurate one is gated (on the same items) and its runs
+    carry the accuracy."""
+    from medgpt.data.prepare import PrepareConfig, prepare
+    from medgpt.testing.qa import medquad_folder
+
+    src = medquad_folder(tmp_path / "medquad")
+    data = tmp_path / "data"
+    prepare(PrepareConfig(sources=[str(src)], out=str(data), val_fraction=0.5, seed=5),
+            progress=False)  # fmt: skip
+    storage = tmp_path / "runs"
+    sweep = {"name": "mc", "num_samples": 1, "search": "random", "scheduler": "fifo",
+             "metric": "medquad_mc_acc_norm"}  # fmt: skip
+    gate = {"min_accuracy": 0.0, "benchmark": {"answer_tokens": 16}}
+    path = _sweep_file(tmp_path, data, storage, space={"train.lr": {"grid": [3e-3, 1e-6]}},
+                       sweep=sweep, gate=gate)  # fmt: skip
+    rc = main(["tune", "--config", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "ranking the trials by medquad_mc_acc_norm" in out and "PASS: medquad-mc acc_norm" in out
+    summary = json.loads((storage / "mc" / "medgpt-sweep.json").read_text())
+    scored = [t for t in summary["trials"] if "metrics" in t]
+    assert len(scored) == 2
+    best = max(scored, key=lambda t: (t["metrics"]["medquad_mc_acc_norm"], -t["best_val_loss"]))
+    assert summary["best"]["trial_id"] == best["trial_id"]
+    assert summary["best"]["metric"] == "medquad_mc_acc_norm"
+    assert summary["best"]["checkpoint"] == best["best_checkpoint"]
+    value = best["metrics"]["medquad_mc_acc_norm"]
+    assert summary["gate"]["accuracy"] == {"medquad-mc": pytest.approx(value)}
+    client = _mlflow(summary["mlflow_tracking_uri"])
+    for t in scored:
+        run = client.get_run(t["mlflow_run_id"])
+        assert run.data.metrics["medquad_mc_acc_norm"] == pytest.approx(
+            t["metrics"]["medquad_mc_acc_norm"]
+        )
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.data.metrics["best_medquad_mc_acc_norm"] == pytest.approx(value)
+    assert parent.data.metrics["gate_medquad_mc_acc_norm"] == pytest.approx(value)

@@ -39,6 +39,13 @@ class Document:
     text: str
     source: str  # label for per-source statistics (e.g. a MedQuAD site)
     group: str | None = None  # documents sharing a group always land in the same split
+    # A question-answer pair (MedQuAD, or a record rendered with question/answer fields): the
+    # pair as read, stripped, and its question type where the source labels one (MedQuAD's
+    # qtype: symptoms, treatment, ...). The multiple-choice benchmark builds its items from
+    # these; prepare uses only the text.
+    question: str | None = None
+    answer: str | None = None
+    qtype: str | None = None
 
 
 @dataclasses.dataclass
@@ -109,13 +116,17 @@ class SourceSpec:
         return self.question_field is not None
 
 
-def read_source(spec: SourceSpec) -> Iterator[Document]:
-    """Stream the documents of one source (raw text; cleaning happens in prepare)."""
+def read_source(spec: SourceSpec, type_field: str | None = None) -> Iterator[Document]:
+    """Stream the documents of one source (raw text; cleaning happens in prepare).
+
+    ``type_field``: for question/answer records (jsonl, csv, parquet, hf), the field holding a
+    question type, read into :attr:`Document.qtype` where a record has it (MedQuAD files label
+    their questions themselves)."""
     if spec.scheme == "builtin":
         yield from read_icd10cm(spec)
         return
     if spec.scheme == "hf":
-        yield from read_hf(spec)
+        yield from read_hf(spec, type_field)
         return
     path = Path(spec.uri)
     if not path.exists():
@@ -128,14 +139,14 @@ def read_source(spec: SourceSpec) -> Iterator[Document]:
                 f"{path}: no readable files (looked for {', '.join(SUPPORTED_SUFFIXES)})"
             )
         for f in usable:
-            yield from _read_file(f, spec)
+            yield from _read_file(f, spec, type_field)
     else:
         if path.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise DataError(
                 f"{path}: unsupported file type {path.suffix or '(none)'!r} "
                 f"(allowed: {', '.join(SUPPORTED_SUFFIXES)})"
             )
-        yield from _read_file(path, spec)
+        yield from _read_file(path, spec, type_field)
 
 
 # Files that describe a corpus rather than belong to it (MedQuAD ships readme.txt and
@@ -149,16 +160,16 @@ def _hidden(p: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in p.relative_to(root).parts)
 
 
-def _read_file(path: Path, spec: SourceSpec) -> Iterator[Document]:
+def _read_file(path: Path, spec: SourceSpec, type_field: str | None) -> Iterator[Document]:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         yield Document(_read_utf8(path), spec.label)
     elif suffix == ".jsonl":
-        yield from _read_jsonl(path, spec)
+        yield from _read_jsonl(path, spec, type_field)
     elif suffix == ".csv":
-        yield from _read_csv(path, spec)
+        yield from _read_csv(path, spec, type_field)
     elif suffix == ".parquet":
-        yield from _read_parquet(path, spec)
+        yield from _read_parquet(path, spec, type_field)
     elif suffix == ".xml":
         yield from read_medquad_file(path, spec)
 
@@ -179,8 +190,11 @@ def _read_utf8(path: Path) -> str:
         raise _not_utf8(path, e) from None
 
 
-def _render(record: dict, spec: SourceSpec, where: str) -> str | None:
-    """Text of one record; None for a QA pair without an answer (skipped, like MedQuAD's)."""
+def _render(
+    record: dict, spec: SourceSpec, where: str, type_field: str | None = None
+) -> Document | None:
+    """The document of one record; None for a QA pair without an answer (skipped, like
+    MedQuAD's) or a record without text."""
     if spec.is_qa:
         assert spec.question_field is not None and spec.answer_field is not None
         for f in (spec.question_field, spec.answer_field):
@@ -195,7 +209,11 @@ def _render(record: dict, spec: SourceSpec, where: str) -> str | None:
             raise DataError(
                 f"{where}: fields {spec.question_field!r}/{spec.answer_field!r} must be strings"
             )
-        return spec.template.format(question=q.strip(), answer=a.strip())
+        label = record.get(type_field) if type_field else None
+        qtype = (str(label).strip() or None) if label is not None else None
+        q, a = q.strip(), a.strip()
+        text = spec.template.format(question=q, answer=a)
+        return Document(text, spec.label, question=q, answer=a, qtype=qtype)
     if spec.text_field not in record:
         raise DataError(
             f"{where}: no field {spec.text_field!r} "
@@ -208,10 +226,10 @@ def _render(record: dict, spec: SourceSpec, where: str) -> str | None:
         raise DataError(
             f"{where}: field {spec.text_field!r} must be a string, got {type(text).__name__}"
         )
-    return text
+    return Document(text, spec.label)
 
 
-def _read_jsonl(path: Path, spec: SourceSpec) -> Iterator[Document]:
+def _read_jsonl(path: Path, spec: SourceSpec, type_field: str | None) -> Iterator[Document]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -230,12 +248,12 @@ def _read_jsonl(path: Path, spec: SourceSpec) -> Iterator[Document]:
                 raise DataError(
                     f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
                 )
-            text = _render(record, spec, f"{path}:{lineno}")
-            if text is not None:
-                yield Document(text, spec.label)
+            doc = _render(record, spec, f"{path}:{lineno}", type_field)
+            if doc is not None:
+                yield doc
 
 
-def _read_csv(path: Path, spec: SourceSpec) -> Iterator[Document]:
+def _read_csv(path: Path, spec: SourceSpec, type_field: str | None) -> Iterator[Document]:
     # The csv module needs text: decode lazily line by line so memory stays bounded and a bad
     # byte is reported with its line number.
     def lines() -> Iterator[str]:
@@ -260,14 +278,14 @@ def _read_csv(path: Path, spec: SourceSpec) -> Iterator[Document]:
             raise DataError(f"{path}: no column {col!r} (columns: {', '.join(header)})")
     try:
         for row in reader:
-            text = _render(row, spec, f"{path}:{reader.line_num}")
-            if text is not None:
-                yield Document(text, spec.label)
+            doc = _render(row, spec, f"{path}:{reader.line_num}", type_field)
+            if doc is not None:
+                yield doc
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
 
-def _read_parquet(path: Path, spec: SourceSpec) -> Iterator[Document]:
+def _read_parquet(path: Path, spec: SourceSpec, type_field: str | None) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
@@ -279,13 +297,15 @@ def _read_parquet(path: Path, spec: SourceSpec) -> Iterator[Document]:
     for col in needed:
         if col not in columns:
             raise DataError(f"{path}: no column {col!r} (columns: {', '.join(columns)})")
+    if spec.is_qa and type_field and type_field in columns and type_field not in needed:
+        needed = [*needed, type_field]
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=needed):
         for record in batch.to_pylist():
             row += 1
-            text = _render(record, spec, f"{path}: row {row}")
-            if text is not None:
-                yield Document(text, spec.label)
+            doc = _render(record, spec, f"{path}: row {row}", type_field)
+            if doc is not None:
+                yield doc
 
 
 # --- MedQuAD -------------------------------------------------------------------------------
@@ -296,7 +316,7 @@ def read_medquad_file(path: Path, spec: SourceSpec) -> Iterator[Document]:
 
     The source label is the site the pair comes from (the ``source`` attribute, e.g.
     ``CancerGov``); all pairs of one XML file share a split group, so a topic's questions never
-    straddle train and validation.
+    straddle train and validation. The question's ``qtype`` attribute is its question type.
     """
     try:
         root = ET.parse(path).getroot()
@@ -312,14 +332,21 @@ def read_medquad_file(path: Path, spec: SourceSpec) -> Iterator[Document]:
     site = root.get("source") or path.parent.name
     group = f"medquad:{site}:{root.get('id') or path.stem}"
     for pair in root.iterfind("./QAPairs/QAPair"):
-        q = pair.findtext("Question")
+        question = pair.find("Question")
+        q = question.text if question is not None else None
         a = pair.findtext("Answer")
         if not q or not q.strip() or not a or not a.strip():
             continue
+        q, a = q.strip(), a.strip()
+        assert question is not None
+        qtype = (question.get("qtype") or "").strip() or None
         yield Document(
-            spec.template.format(question=q.strip(), answer=a.strip()),
+            spec.template.format(question=q, answer=a),
             spec.name or site,
             group,
+            question=q,
+            answer=a,
+            qtype=qtype,
         )
 
 
@@ -406,7 +433,7 @@ def read_icd10cm(spec: SourceSpec) -> Iterator[Document]:
 # --- Hugging Face datasets -----------------------------------------------------------------
 
 
-def read_hf(spec: SourceSpec) -> Iterator[Document]:
+def read_hf(spec: SourceSpec, type_field: str | None = None) -> Iterator[Document]:
     _, name, *rest = spec.uri.split(":", 2)
     split = rest[0] if rest and rest[0] else "train"
     try:
@@ -429,6 +456,6 @@ def read_hf(spec: SourceSpec) -> Iterator[Document]:
     if first is None:
         return
     for i, record in enumerate(itertools.chain([first], it), start=1):
-        text = _render(record, spec, f"{spec.uri}: row {i}")
-        if text is not None:
-            yield Document(text, spec.label)
+        doc = _render(record, spec, f"{spec.uri}: row {i}", type_field)
+        if doc is not None:
+            yield doc
