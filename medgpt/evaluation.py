@@ -1186,16 +1186,14 @@ def task_png(report: dict[str, Any], name: str, path: Path, max_sources: int = 3
     per = entry["model"]["per_source"]
     names = sorted(per, key=lambda n: -per[n]["items"])[:max_sources]
     names.sort()
-    height = 0.8 / len(scorers)
     size = (8, 1.4 + 0.35 * len(names) * max(1, len(scorers) * 0.6))
     with figure(path, size, dpi=100) as ax:
-        for i, (label, s) in enumerate(scorers):
-            values = [s["per_source"].get(n, {}).get("acc_norm", math.nan) for n in names]
-            ys = [j + i * height for j in range(len(names))]
-            ax.barh(ys, values, height=height, label=label)
-        ax.set_yticks([j + height * (len(scorers) - 1) / 2 for j in range(len(names))])
-        ax.set_yticklabels([f"{n[:34]} ({per[n]['items']})" for n in names], fontsize=8)
-        ax.invert_yaxis()
+        _grouped_bars(
+            ax,
+            [(label, [s["per_source"].get(n, {}).get("acc_norm", math.nan) for n in names])
+             for label, s in scorers],
+            [f"{n[:34]} ({per[n]['items']})" for n in names],
+        )  # fmt: skip
         ax.axvline(
             entry["chance"], color="gray", ls=":", lw=1, label=f"chance {entry['chance']:.2f}"
         )
@@ -1211,6 +1209,16 @@ def task_png(report: dict[str, Any], name: str, path: Path, max_sources: int = 3
     return path
 
 
+def _grouped_bars(ax: Any, series: list[tuple[str, list[float]]], labels: list[str]) -> None:
+    """Horizontal bars, one group per label (top to bottom), one bar per series in a group."""
+    height = 0.8 / len(series)
+    for i, (name, values) in enumerate(series):
+        ax.barh([j + i * height for j in range(len(labels))], values, height=height, label=name)
+    ax.set_yticks([j + height * (len(series) - 1) / 2 for j in range(len(labels))])
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+
+
 def per_source_png(report: dict[str, Any], path: Path, max_sources: int = 30) -> Path:
     from medgpt.plots import figure
 
@@ -1218,16 +1226,15 @@ def per_source_png(report: dict[str, Any], path: Path, max_sources: int = 30) ->
     per = report["model"]["per_source"]
     names = sorted(per, key=lambda n: -per[n]["tokens"])[:max_sources]
     names.sort()
-    height = 0.8 / len(models)
     size = (8, 1.2 + 0.35 * len(names) * max(1, len(models) * 0.6))
     with figure(path, size, dpi=100) as ax:
-        for i, m in enumerate(models):
-            values = [m["per_source"].get(n, {}).get("loss", math.nan) for n in names]
-            ys = [j + i * height for j in range(len(names))]
-            ax.barh(ys, values, height=height, label=f"{m['label']} ({_fmt(m['loss'], 3)})")
-        ax.set_yticks([j + height * (len(models) - 1) / 2 for j in range(len(names))])
-        ax.set_yticklabels([n[:40] for n in names], fontsize=8)
-        ax.invert_yaxis()
+        _grouped_bars(
+            ax,
+            [(f"{m['label']} ({_fmt(m['loss'], 3)})",
+              [m["per_source"].get(n, {}).get("loss", math.nan) for n in names])
+             for m in models],
+            [n[:40] for n in names],
+        )  # fmt: skip
         gate = report.get("gate")
         if gate and gate.get("max_loss") is not None:
             ax.axvline(
