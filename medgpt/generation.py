@@ -61,7 +61,7 @@ from medgpt import kernels
 from medgpt.kernels import MAX_ROWS
 from medgpt.kv_cache import KERNEL, SDPA, KVCache
 from medgpt.model import GPT
-from medgpt.tokenizer import EOT_ID, get_tokenizer
+from medgpt.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 MAX_STOP_STRINGS = 4
 # Prompt positions whose logits exist at once while a prompt is scored (prompt_logprobs):
@@ -352,7 +352,9 @@ class Engine:
     # -- called from any thread -------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
-        return self.enc.encode_ordinary(prompt)
+        # "<|endoftext|>" in a prompt is the document boundary, as Hugging Face's GPT-2
+        # tokenizer and OpenAI's API read it (and lm-eval, which asks for the eos token's id).
+        return self.enc.encode(prompt, allowed_special={EOT_TOKEN}, disallowed_special=())
 
     def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
         """Queue a request; returns its prompt length in tokens. An empty prompt starts from

@@ -60,7 +60,7 @@ def test_generate_bodies_are_refused_naming_the_field(body, param, message) -> N
     ("body", "param", "message"),
     [
         ({"prompt": ["a", "b"]}, "prompt", "exactly one prompt"),
-        ({"prompt": {"a": 1}}, "prompt", "a string or a list of one string"),
+        ({"prompt": {"a": 1}}, "prompt", "a string, a list of token ids, or a list of one of these"),
         ({"prompt": "x", "n": 9}, "n", "from 1 to 8"),
         ({"prompt": "x", "stream": "yes"}, "stream", "true or false"),
         ({"prompt": "x", "stop": ["a"] * 5}, "stop", "at most 4"),

@@ -236,6 +236,125 @@ def test_lm_evaluation_harness_scoring_request(server) -> None:
     assert greedy == all(int(ref[i - 1].argmax()) == (ctx + cont)[i] for i in pos)
 
 
+def test_token_id_prompts_score_like_their_text(server) -> None:
+    """OpenAI's token-id prompt forms (ids, a list of one list of ids) give the text prompt's
+    answer, echo text and logprobs included."""
+    from medgpt.tokenizer import get_tokenizer
+
+    text = "Question: what causes gout? Answer: uric acid"
+    ids = get_tokenizer().encode_ordinary(text)
+    base = {"max_tokens": 3, "logprobs": 2, "echo": True, "temperature": 0}
+    answers = []
+    for prompt in (text, ids, [ids]):
+        r = requests.post(f"{server['url']}/v1/completions", json={**base, "prompt": prompt},
+                          timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    for a in answers[1:]:
+        assert a["choices"][0]["text"] == answers[0]["choices"][0]["text"]
+        assert a["choices"][0]["logprobs"] == answers[0]["choices"][0]["logprobs"]
+        assert a["usage"] == answers[0]["usage"]
+    assert answers[0]["choices"][0]["text"].startswith(text)
+
+
+def test_tokenizer_routes_serve_lm_evals_remote_tokenizer(server) -> None:
+    """vLLM's /tokenizer_info, /tokenize and /detokenize, as lm-eval's remote tokenizer
+    detects and uses them (the real lm_eval code): no tokenizer files on the client."""
+    from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
+
+    from medgpt.tokenizer import EOT_ID, get_tokenizer
+
+    url, enc = server["url"], get_tokenizer()
+    info = requests.get(f"{url}/tokenizer_info", timeout=10).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 1024
+    text = "Anemia: fatigue, pallor<|endoftext|>Gout"
+    r = requests.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False})
+    body = r.json()
+    assert body["tokens"] == enc.encode(text, allowed_special="all"), body
+    assert EOT_ID in body["tokens"] and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 1024
+    r = requests.post(f"{url}/detokenize", json={"tokens": body["tokens"]})
+    assert r.json() == {"prompt": text}
+    assert requests.post(f"{url}/tokenize", json={"prompt": ""}).json()["tokens"] == []
+
+    assert check_remote_tokenizer_support(f"{url}/v1/completions")
+    tok = RemoteTokenizer(f"{url}/v1/completions")
+    assert tok.eos_token_id == EOT_ID and tok.bos_token_id == EOT_ID
+    assert tok.encode("Question: fever?") == enc.encode_ordinary("Question: fever?")
+    assert tok.decode(enc.encode_ordinary("héllo wörld")) == "héllo wörld"
+
+    for route, bad, param in [
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": []}, "messages"),
+        ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+        ("/detokenize", {"tokens": [1, 50257]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+        ("/detokenize", {}, "tokens"),
+    ]:
+        r = requests.post(f"{url}{route}", json=bad, timeout=10)
+        assert r.status_code in (400, 404), (route, bad, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and param in err["message"], (route, bad, err)
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_scores_the_exported_task_like_medgpt_evaluate(
+    server, tmp_path
+) -> None:
+    """The independent scorer: the real lm_eval CLI, local-completions against this Serve app
+    (its defaults: the server's tokenizer, token-id prompts), on the task medgpt evaluate
+    exported, gets medgpt evaluate's acc and acc_norm, and each option's log-likelihood."""
+    import os
+    import subprocess
+    import sys
+
+    from medgpt.benchmark import BenchmarkConfig, SplitRule, build_benchmark, loglikelihoods
+    from medgpt.cli import main
+    from medgpt.data.prepare import PrepareConfig, prepare
+    from medgpt.data.sources import SourceSpec
+    from medgpt.testing.qa import DISEASES, medquad_folder
+
+    src = medquad_folder(tmp_path / "medquad", diseases=DISEASES[:24])
+    data, out, export = tmp_path / "data", tmp_path / "report", tmp_path / "lm-eval"
+    prepare(PrepareConfig(sources=[str(src)], out=str(data), val_fraction=0.5, seed=5),
+            progress=False)  # fmt: skip
+    rc = main(["evaluate", "--quiet", "--no-samples", "--no-mlflow", "--checkpoint",
+               str(server["checkpoint"]), "--data", str(data), "--out", str(out), "--task",
+               "medquad-mc", "--answer-tokens", "24", "--export-lm-eval", str(export)])  # fmt: skip
+    assert rc == 0
+    ours = json.loads((out / "report.json").read_text())["tasks"]["medquad-mc"]
+
+    results = tmp_path / "lm-eval-results"
+    model_args = (f"model=step-000007,base_url={server['url']}/v1/completions,max_length=1024,"
+                  "num_concurrent=4")  # fmt: skip
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+           model_args, "--include_path", str(export), "--tasks", "medquad_mc", "--output_path",
+           str(results), "--log_samples"]  # fmt: skip
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "remote tokenizer" in proc.stderr.lower(), proc.stderr[-4000:]
+    theirs = json.loads(next(results.rglob("results_*.json")).read_text())
+    r = theirs["results"]["medquad_mc"]
+    assert r["acc,none"] == pytest.approx(ours["model"]["acc"], abs=1e-9)
+    assert r["acc_norm,none"] == pytest.approx(ours["model"]["acc_norm"], abs=1e-9)
+    assert theirs["n-samples"]["medquad_mc"]["effective"] == ours["items"]
+
+    # Item by item: lm-eval's log-likelihoods (from the server's logprobs) are medgpt's own
+    # batched forward's.
+    samples = [json.loads(line) for f in results.rglob("samples_medquad_mc_*.jsonl")
+               for line in f.read_text().splitlines()]  # fmt: skip
+    rule = SplitRule(seed=5, val_fraction=0.5, dedupe=True, origin="test")
+    bench = build_benchmark("medquad-mc", [SourceSpec(uri=str(src))], rule,
+                            BenchmarkConfig(answer_tokens=24))  # fmt: skip
+    lls = loglikelihoods(load_model(server["checkpoint"]).eval(), bench, torch.device("cpu"))
+    mine = {it.id: ll for it, ll in zip(bench.items, lls, strict=True)}
+    assert sorted(s["doc"]["id"] for s in samples) == sorted(mine)
+    for s in samples:
+        got = [float(resp[0]) for resp in s["filtered_resps"]]
+        assert got == pytest.approx(list(mine[s["doc"]["id"]]), abs=2e-3), s["doc"]["id"]
+
+
 def test_generate_and_generate_stream(server) -> None:
     body = {"prompt": "Hypertension", "max_new_tokens": 25, "temperature": 0, "top_k": 0}
     out = requests.post(f"{server['url']}/generate", json=body, timeout=60).json()
@@ -279,6 +398,12 @@ BAD_BODIES = [
     ({"prompt": "   "}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": 42}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [15, 50257]}, "prompt"),  # past GPT-2's vocabulary
+    ({"prompt": [[1], [2]]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [5] * 1030, "max_tokens": 1}, "max_tokens"),  # ids over the context
     ({"max_tokens": 5}, "prompt"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "n": 0}, "n"),

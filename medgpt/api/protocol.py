@@ -32,7 +32,9 @@ __all__ = [
     "SEED_LIMIT",
     "ApiError",
     "CompletionRequest",
+    "DetokenizeRequest",
     "GenerateRequest",
+    "TokenizeRequest",
     "error_body",
     "parse_body",
     "parse_json",
@@ -51,6 +53,10 @@ MAX_LOGPROBS = 5  # alternatives per token in /v1/completions' logprobs (OpenAI'
 SEED_LIMIT = 2**63  # seeds are 63-bit: torch.Generator.manual_seed takes them
 DEFAULT_MAX_TOKENS_CAP = 512  # the serve config's max_tokens_cap unless it says otherwise
 RETRY_AFTER_S = 2  # what a client is told to wait when the server is full
+# Token ids a prompt may name: GPT-2's vocabulary (the model's embedding may be padded past it,
+# but ids there decode to nothing). The one tokenizer medgpt serves (medgpt.tokenizer).
+VOCAB_SIZE = 50257
+MAX_PROMPT_TOKENS = 8192  # a token-id prompt or a /detokenize body at most
 MAX_JSON_DEPTH = 32  # bodies are flat objects; deeper nesting is refused before parsing
 
 # The page is a human typing a prompt: bodies stay small, and every valid one fits its limit.
@@ -60,6 +66,8 @@ PAGE_MAX_BODY_BYTES = 16 * 1024
 # What each field allows, in the words of the error message ("temperature: must be ...").
 _ALLOWED = {
     "prompt": "a non-empty string",
+    "tokens": f"a list of token ids (whole numbers from 0 to {VOCAB_SIZE - 1})",
+    "add_special_tokens": "true or false",
     "temperature": "a number from 0 to 2",
     "top_k": "a whole number >= 0 (0 = off)",
     "top_p": "a number above 0 and at most 1",
@@ -182,6 +190,17 @@ def _check_prompt(prompt: str, info: ValidationInfo) -> str:
     return prompt
 
 
+def _check_ids(ids: list[int], what: str = "") -> list[int]:
+    if not ids and not what:
+        raise ValueError("must not be empty")
+    if len(ids) > MAX_PROMPT_TOKENS:
+        raise ValueError(f"at most {MAX_PROMPT_TOKENS} token ids (this one has {len(ids)})")
+    bad = next((t for t in ids if not 0 <= t < VOCAB_SIZE), None)
+    if bad is not None:
+        raise ValueError(f"token ids are whole numbers from 0 to {VOCAB_SIZE - 1} (got {bad})")
+    return ids
+
+
 def _check_stops(items: list[str]) -> list[str]:
     if len(items) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in items):
         raise ValueError(f"must be {_STOP_RULE}")
@@ -217,13 +236,17 @@ class _Body(BaseModel):
 
     @field_validator("prompt", check_fields=False)
     @classmethod
-    def _prompt(cls, v: str | list[str], info: ValidationInfo) -> str | list[str]:
-        if isinstance(v, list):
+    def _prompt(cls, v: Any, info: ValidationInfo) -> Any:
+        # OpenAI's prompt forms: a string, token ids, or a list of either (one here).
+        one = v
+        if isinstance(v, list) and v and not isinstance(v[0], int):
             if len(v) != 1:
                 raise ValueError("exactly one prompt per request")
-            _check_prompt(v[0], info)
+            one = v[0]
+        if isinstance(one, list):
+            _check_ids(one)
         else:
-            _check_prompt(v, info)
+            _check_prompt(one, info)
         return v
 
     @field_validator("max_tokens", "max_new_tokens", check_fields=False)
@@ -251,7 +274,9 @@ class CompletionRequest(_Body):
     position; ``echo`` puts the prompt in front of the text (and its tokens in front of the
     logprobs, the first one null); ``max_tokens`` 0 with ``echo`` scores the prompt alone."""
 
-    prompt: str | list[str]
+    # A string, token ids (what lm-eval sends by default, with the remote tokenizer), or a
+    # list of one of either.
+    prompt: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     echo: bool = False  # before max_tokens: its check reads echo
     max_tokens: int = 16
@@ -282,8 +307,12 @@ class CompletionRequest(_Body):
         raise ValueError(f"only the default {spelled} is supported (got {got})")
 
     @property
-    def the_prompt(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def the_prompt(self) -> str | list[int]:
+        """The one prompt: its text, or its token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return p  # type: ignore[return-value]
+        return p[0]  # type: ignore[return-value]
 
 
 class GenerateRequest(_Body):
@@ -296,6 +325,37 @@ class GenerateRequest(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stop: list[str] = Field(default_factory=list)
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's body, what lm-eval's remote tokenizer sends): the text's
+    token ids. ``add_special_tokens`` is accepted and changes nothing: GPT-2 adds none."""
+
+    model_config = _STRICT
+
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str, info: ValidationInfo) -> str:
+        # The empty string is text too (no tokens), unlike a prompt to complete.
+        return _check_prompt(v, info) if v else v
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model_config = _STRICT
+
+    tokens: list[int]
+    model: str | None = None
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v: list[int]) -> list[int]:
+        return _check_ids(v, "tokens")
 
 
 Req = TypeVar("Req", bound=BaseModel)
@@ -327,7 +387,11 @@ def _describe(model: type[BaseModel], err: Mapping[str, Any], context: Mapping[s
             else f"a string, or a list of {_STOP_RULE}"
         )
     elif param == "prompt" and kind.endswith("_type"):
-        what = "a string" if model is GenerateRequest else "a string or a list of one string"
+        what = (
+            "a string"
+            if model is not CompletionRequest
+            else "a string, a list of token ids, or a list of one of these"
+        )
     else:
         what = _ALLOWED.get(param, "a valid value")
     got = json.dumps(err.get("input"), default=str)

@@ -10,7 +10,9 @@ loop had streamed the last one's tokens, and at 8 streams the cores sat ~15% idl
 This module owns the replica's lifecycle, its engine thread and its metrics. What a body may
 hold is :mod:`medgpt.api`'s; how events become response bodies is :mod:`.responses`'.
 Routes: ``POST /v1/completions`` (OpenAI), ``POST /generate`` and ``POST /generate/stream``
-(the page's JSON and SSE API), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /healthz``.
+(the page's JSON and SSE API), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /healthz``,
+and vLLM's tokenizer routes ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize``
+(with them lm-evaluation-harness tokenizes through the server: no tokenizer files needed).
 Every error, on any route or method, is OpenAI's error body with a 4xx status (5xx only for a
 failure of the server itself); a full queue answers 503 with Retry-After.
 """
@@ -40,7 +42,9 @@ from medgpt.api import (
     RETRY_AFTER_S,
     ApiError,
     CompletionRequest,
+    DetokenizeRequest,
     GenerateRequest,
+    TokenizeRequest,
     error_body,
     parse_body,
     sse,
@@ -48,6 +52,7 @@ from medgpt.api import (
 from medgpt.generation import Engine, Event, QueueFull, SamplingParams
 from medgpt.serving.config import ServeConfig
 from medgpt.serving.responses import Completion, Generation
+from medgpt.tokenizer import EOT_TOKEN
 
 
 def _json_error(err: ApiError) -> JSONResponse:
@@ -280,11 +285,11 @@ class MedgptServer:
         return parse_body(model, raw, max_tokens_cap=self.cfg.max_tokens_cap)
 
     def _params(
-        self, prompt: str, max_tokens: int, body: Any, field: str, seed: int | None
+        self, prompt: str | list[int], max_tokens: int, body: Any, field: str, seed: int | None
     ) -> tuple[list[int], SamplingParams]:
         """The prompt's tokens and sampling parameters; the model's context is the one limit
         the protocol cannot check without the tokenizer."""
-        ids = self.engine.encode(prompt)
+        ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) + max_tokens > self.context:
             raise ApiError(
                 400,
@@ -387,17 +392,48 @@ class MedgptServer:
             )
         return self.model_card
 
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
-        body: CompletionRequest = await self._body(request, CompletionRequest)
-        if body.model not in (None, self.model_id):
+    def _check_model(self, model: str | None) -> None:
+        if model not in (None, self.model_id):
             raise ApiError(
                 404,
-                f"model {body.model!r} is not served here (serving {self.model_id!r})",
+                f"model {model!r} is not served here (serving {self.model_id!r})",
                 "model",
                 "not_found_error",
             )
-        ids, base = self._params(body.the_prompt, body.max_tokens, body, "max_tokens", body.seed)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict[str, Any]:
+        # vLLM's fields that lm-eval reads (eos/bos/pad), GPT-2's as Hugging Face sets them.
+        return {
+            "tokenizer_class": "GPT2TokenizerFast",
+            "name": "gpt2",
+            "vocab_size": self.engine.enc.n_vocab,
+            "eos_token": EOT_TOKEN,
+            "bos_token": EOT_TOKEN,
+            "unk_token": EOT_TOKEN,
+            "pad_token": None,
+            "model_max_length": self.context,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body: TokenizeRequest = await self._body(request, TokenizeRequest)
+        self._check_model(body.model)
+        ids = self.engine.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        body: DetokenizeRequest = await self._body(request, DetokenizeRequest)
+        self._check_model(body.model)
+        return {"prompt": self.engine.enc.decode(body.tokens, errors="replace")}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        body: CompletionRequest = await self._body(request, CompletionRequest)
+        self._check_model(body.model)
+        prompt = body.the_prompt
+        ids, base = self._params(prompt, body.max_tokens, body, "max_tokens", body.seed)
         if body.logprobs is not None:  # with echo, the prompt's tokens are scored too
             base = dataclasses.replace(base, logprobs=body.logprobs, prompt_logprobs=body.echo)
         starts = []
@@ -408,7 +444,7 @@ class MedgptServer:
             self.model_id,
             len(ids),
             body.n,
-            echo=body.the_prompt if body.echo else None,
+            echo=self.engine.enc.decode(ids, errors="replace") if body.echo else None,
             logprobs=body.logprobs,
         )
         if body.stream:
