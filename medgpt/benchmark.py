@@ -29,6 +29,15 @@ by ``len(choice)``; bytes and characters coincide for ASCII text). Ties go to th
 as numpy's argmax does. Intervals are Wilson score intervals at 95%. Beside them: chance,
 1/(K+1), and a model-free baseline scoring each option by its add-one smoothed unigram
 log-likelihood under the training corpus's token counts, ranked the same two ways.
+
+Task files. ``--task FILE.yaml`` scores a frozen item set instead: an lm-evaluation-harness
+``multiple_choice`` task in the shape :func:`export_lm_eval` writes (``dataset_path: json``
+over a local ``.jsonl``, ``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target`` naming fields
+of the docs). Its docs are the items as they are, with no split rule and no distractor draw, so
+a later checkpoint is scored on exactly the items an earlier one was, whatever the data became
+since. Anything lm-eval would compute (``!function``, templates, ``process_docs``, few-shot) is
+refused: the prompt, the options and the gold index must be fields. The unigram baseline needs
+the training split's token counts of the model's prepared dataset, and is absent without them.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -64,6 +74,8 @@ SMALL_TYPES = ("error", "any", "skip")
 PROMPT = "Question: {question}\nAnswer:"
 DELIMITER = " "  # between the prompt and an option: lm-eval's default target_delimiter
 UNTYPED = "(untyped)"  # the per-type key of questions whose source labels no type
+NO_SOURCE = "(no source)"  # the per-source key of a task file's docs without a `source`
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
 Z95 = 1.959963984540054
 # Rows per output-head matmul on a CPU at most: measured here (2 cores, AVX2), 128 rows of
 # GPT-2's 50,257 logits (25 MB) score 3x faster than 512 (100 MB), whose buffers are mapped
@@ -74,15 +86,42 @@ CPU_HEAD_CHUNK = 128
 MAX_COUNTED_TOKENS = 200_000_000
 
 
+def is_task_file(name: Any) -> bool:
+    """Whether a ``--task`` names an lm-eval task file rather than a built-in task."""
+    return isinstance(name, str) and name.lower().endswith(TASK_FILE_SUFFIXES)
+
+
 def check_tasks(names: Iterable[str]) -> list[str]:
-    """The task names, each once, in order; an unknown one is a ConfigError listing the
-    allowed."""
+    """The tasks, each once, in order: built-in names, or lm-eval task files, read and checked
+    in full here so that a bad file is refused before a model is loaded (or a sweep trained).
+    An unknown name, or two tasks whose metrics would share a prefix, is a ConfigError."""
     out: list[str] = []
+    files: set[Path] = set()
+    prefixes: dict[str, str] = {}  # metric prefix -> the task given for it
     for n in names:
-        if n not in TASKS:
-            raise ConfigError(f"unknown task {n!r} (allowed: {', '.join(TASKS)})")
-        if n not in out:
-            out.append(n)
+        if is_task_file(n):
+            f = read_task_file(n)
+            if f.path in files:
+                continue
+            files.add(f.path)
+            name = f.name
+        elif n in TASKS:
+            if n in out:
+                continue
+            name = n
+        else:
+            raise ConfigError(
+                f"unknown task {n!r} (allowed: {', '.join(TASKS)}) and not a task file "
+                f"(allowed: an lm-eval task, a path ending in {' or '.join(TASK_FILE_SUFFIXES)})"
+            )
+        p = metric_prefix(name)
+        if p in prefixes:
+            raise ConfigError(
+                f"duplicate task name: {n} is task {name!r}, and {prefixes[p]} gives the same "
+                f"metrics ({p}_acc, ...); give the tasks distinct names (a task file's `task:`)"
+            )
+        prefixes[p] = n
+        out.append(n)
     return out
 
 
@@ -308,10 +347,11 @@ class Item:
     question: str
     choices: tuple[str, ...]
     gold: int
+    query: str | None = None  # a task file's prompt, as it is; None: PROMPT with the question
 
     @property
     def prompt(self) -> str:
-        return PROMPT.format(question=self.question)
+        return PROMPT.format(question=self.question) if self.query is None else self.query
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -349,10 +389,20 @@ class Benchmark:
     # Token counts of the training-split documents of the QA sources: the unigram baseline's
     # counts when the model's prepared dataset is not at hand.
     qa_train_counts: np.ndarray
+    task_file: str | None = None  # the lm-eval task file of a frozen item set
+
+    @property
+    def choices(self) -> int | None:
+        """The number of options of every item; None when a task file's items differ."""
+        sizes = {len(it.choices) for it in self.items}
+        return sizes.pop() if len(sizes) == 1 else None
 
     @property
     def chance(self) -> float:
-        return 1.0 / self.config.choices
+        """The accuracy of a uniform guess: the mean of 1/choices over the items."""
+        if self.choices is not None or not self.items:
+            return 1.0 / (self.choices or self.config.choices)
+        return math.fsum(1.0 / len(it.choices) for it in self.items) / len(self.items)
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
@@ -591,6 +641,321 @@ def build_benchmark(
 
 
 # ---------------------------------------------------------------------------------------------
+# Task files: frozen item sets in lm-eval's format
+
+# The keys of the shape export_lm_eval writes. Whatever else lm-eval supports would have medgpt
+# compute the prompt, the options or the gold index; lm_eval itself runs those tasks.
+TASK_FILE_REQUIRED = (
+    "task",
+    "output_type",
+    "dataset_path",
+    "dataset_kwargs",
+    "doc_to_text",
+    "doc_to_choice",
+    "doc_to_target",
+)
+TASK_FILE_OPTIONAL = (
+    "test_split",
+    "validation_split",
+    "target_delimiter",
+    "metric_list",
+    "metadata",
+)
+DOC_SUFFIXES = (".jsonl", ".json")
+_DIRECT = (
+    "medgpt scores tasks whose fields name the prompt, the options and the gold index directly "
+    "(lm_eval itself runs any task against a served model: see the README)"
+)
+_FIELD = re.compile(r"([A-Za-z_]\w*)|\{\{\s*([A-Za-z_]\w*)\s*\}\}")  # name | {{name}}
+
+
+class _Function(str):
+    """The value of a ``!function`` tag: Python that lm-eval would import, and medgpt refuses."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFile:
+    """A task file, read and checked: where it is, its name, and its docs as items."""
+
+    path: Path
+    sha256: str
+    name: str
+    data_file: Path
+    data_sha256: str
+    split: str
+    fields: dict[str, Any]  # doc_to_text, doc_to_choice, doc_to_target: field names (or a list)
+    metadata: Any
+    items: list[Item]
+
+
+def _short(value: Any, n: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _check_choices(choices: Any, at: str, error: type[Exception]) -> None:
+    why = None
+    if not isinstance(choices, list):
+        why = f"got {_short(choices)}"
+    elif len(choices) < 2:
+        why = f"got {len(choices)} option"
+    elif not all(isinstance(c, str) and c.strip() for c in choices):
+        why = "an option is empty or not text"
+    elif len(set(choices)) < len(choices):
+        why = "an option repeats"
+    if why is not None:
+        raise error(
+            f"{at}: the choices must be a list of at least 2 distinct non-empty strings ({why})"
+        )
+
+
+def _field_of(path: Path, key: str, value: Any, literal_list: bool = False) -> Any:
+    """The doc field a doc_to_* key names (a bare name or ``{{name}}``); with ``literal_list``
+    a list is itself every doc's choices."""
+    if isinstance(value, _Function):
+        raise ConfigError(f"{path}: {key}: !function {value}: Python is not run; {_DIRECT}")
+    if literal_list and isinstance(value, list):
+        _check_choices(value, f"{path}: {key}", ConfigError)
+        return list(value)
+    m = _FIELD.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise ConfigError(
+            f"{path}: {key}: {_short(value)} (allowed: a field of the docs, bare or as "
+            f'"{{{{field}}}}"); {_DIRECT}'
+        )
+    return m.group(1) or m.group(2)
+
+
+def _docs(data: Path, text: str) -> Iterable[tuple[str, int, Any]]:
+    """(where, number, doc) of each doc: a line of JSON Lines, or an element of a .json array."""
+    if data.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            docs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{data}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        for i, doc in enumerate(docs, 1):
+            yield f"item {i}", i, doc
+        return
+    # Not str.splitlines: the export writes U+2028 and friends unescaped inside strings.
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{data}: line {n}: not valid JSON ({e.msg})") from None
+        yield f"line {n}", n, doc
+
+
+def _doc_item(doc: Any, at: str, number: int, fields: dict[str, Any], task: Path) -> Item:
+    if not isinstance(doc, dict):
+        raise DataError(f"{at}: expected a JSON object (a doc), got {type(doc).__name__}")
+
+    def get(key: str) -> Any:
+        name = fields[key]
+        if name not in doc:
+            raise DataError(f"{at}: no field {name!r} ({key} of {task.name})")
+        return doc[name]
+
+    def optional(name: str) -> str | None:
+        value = doc.get(name)
+        if value is not None and not (isinstance(value, str) and value):
+            raise DataError(f"{at}: {name}: {_short(value)} (allowed: non-empty text or null)")
+        return value
+
+    prompt = get("doc_to_text")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(
+            f"{at}: {fields['doc_to_text']}: {_short(prompt)} (allowed: the prompt, non-empty text)"
+        )
+    literal = isinstance(fields["doc_to_choice"], list)
+    choices = fields["doc_to_choice"] if literal else get("doc_to_choice")
+    _check_choices(
+        choices, f"{at}: {'doc_to_choice' if literal else fields['doc_to_choice']}", DataError
+    )
+    gold = get("doc_to_target")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise DataError(
+            f"{at}: {fields['doc_to_target']}: {_short(gold)} (allowed: the index of the gold "
+            f"option, an integer from 0 to {len(choices) - 1})"
+        )
+    ident = doc.get("id", number)
+    if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+        raise DataError(f"{at}: id: {_short(ident)} (allowed: text or an integer)")
+    question = doc.get("question")
+    return Item(
+        id=str(ident),
+        source=optional("source") or NO_SOURCE,
+        qtype=optional("qtype"),
+        question=question if isinstance(question, str) else prompt,
+        choices=tuple(choices),
+        gold=gold,
+        query=prompt,
+    )
+
+
+def read_task_file(path: str | Path) -> TaskFile:
+    """Read and check an lm-eval task file and its docs (see the module docstring): each
+    problem is one line naming the file (and the doc's line) and what is allowed, a
+    ConfigError for the YAML and a DataError for the docs."""
+    import yaml
+
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise ConfigError(
+            f"task file {path}: not found (a --task ending in "
+            f"{' or '.join(TASK_FILE_SUFFIXES)} names an lm-eval task file)"
+        )
+    raw = p.read_bytes()
+    loader = type("TaskLoader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda ld, node: _Function(ld.construct_scalar(node)))
+    try:
+        spec = yaml.load(raw.decode("utf-8"), Loader=loader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{p}: not valid YAML ({problem}{where})") from None
+    allowed = TASK_FILE_REQUIRED + TASK_FILE_OPTIONAL
+    if not isinstance(spec, dict):
+        raise ConfigError(
+            f"{p}: expected a mapping of lm-eval task keys ({', '.join(allowed)}), "
+            f"got {type(spec).__name__}"
+        )
+    for key in spec:  # before the missing keys: an `include:` would explain them all
+        if key not in allowed:
+            raise ConfigError(
+                f"{p}: {key}: not supported (allowed: {', '.join(allowed)}); {_DIRECT}"
+            )
+    for key in TASK_FILE_REQUIRED:
+        if key not in spec:
+            raise ConfigError(
+                f"{p}: no {key!r} (a task file needs {', '.join(TASK_FILE_REQUIRED)})"
+            )
+    name = spec["task"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+        raise ConfigError(
+            f"{p}: task: {_short(name)} (allowed: a name of letters, digits, '_', '.', '-')"
+        )
+    if spec["output_type"] != "multiple_choice":
+        raise ConfigError(
+            f"{p}: output_type: {_short(spec['output_type'])}: medgpt scores "
+            "multiple-choice tasks (allowed: multiple_choice)"
+        )
+    if spec["dataset_path"] != "json":
+        raise ConfigError(
+            f"{p}: dataset_path: {_short(spec['dataset_path'])} (allowed: json, "
+            "a local file named by dataset_kwargs.data_files)"
+        )
+    delimiter = spec.get("target_delimiter", DELIMITER)
+    if delimiter != DELIMITER:
+        raise ConfigError(
+            f"{p}: target_delimiter: {_short(delimiter)} (allowed: ' ', the "
+            "delimiter medgpt scores every option after)"
+        )
+    metrics = spec.get("metric_list") or []
+    for m in metrics if isinstance(metrics, list) else [metrics]:
+        metric = m.get("metric") if isinstance(m, dict) else m
+        if metric not in ("acc", "acc_norm"):
+            raise ConfigError(
+                f"{p}: metric_list: {_short(metric)} (allowed: acc, acc_norm, what medgpt computes)"
+            )
+    fields = {
+        "doc_to_text": _field_of(p, "doc_to_text", spec["doc_to_text"]),
+        "doc_to_choice": _field_of(p, "doc_to_choice", spec["doc_to_choice"], literal_list=True),
+        "doc_to_target": _field_of(p, "doc_to_target", spec["doc_to_target"]),
+    }
+    # lm-eval scores the test split when the task has one, else the validation split.
+    split_key = "test_split" if spec.get("test_split") is not None else "validation_split"
+    split = spec.get(split_key)
+    if not isinstance(split, str):
+        raise ConfigError(
+            f"{p}: no test_split or validation_split naming a split (allowed: the split of "
+            "dataset_kwargs.data_files to score, e.g. test_split: test)"
+        )
+    kwargs = spec["dataset_kwargs"]
+    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+    if not isinstance(files, dict) or len(kwargs) != 1:
+        raise ConfigError(
+            f"{p}: dataset_kwargs: {_short(kwargs)} (allowed: data_files, a "
+            "mapping of split to a local .jsonl or .json file)"
+        )
+    uri = files.get(split)
+    if not isinstance(uri, str) or not uri.lower().endswith(DOC_SUFFIXES):
+        raise ConfigError(
+            f"{p}: dataset_kwargs.data_files.{split}: {_short(uri)} (allowed: a "
+            f"local .jsonl or .json file, for {split_key}: {split})"
+        )
+    rel = Path(uri).expanduser()
+    tried = [rel] if rel.is_absolute() else [p.parent / rel, Path.cwd() / rel]
+    data = next((t.resolve() for t in tried if t.is_file()), None)
+    if data is None:
+        where = "" if rel.is_absolute() else f" (relative to {p.parent} or the working directory)"
+        raise DataError(f"{p}: data file {uri} not found{where}")
+    body = data.read_bytes()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{data}: not UTF-8 text") from None
+    items = [_doc_item(d, f"{data}: {at}", n, fields, p) for at, n, d in _docs(data, text)]
+    if not items:
+        raise DataError(f"{data}: no docs (one JSON object per line, the {split} split of {p})")
+    return TaskFile(
+        path=p,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        name=name,
+        data_file=data,
+        data_sha256=hashlib.sha256(body).hexdigest(),
+        split=split,
+        fields=fields,
+        # Recorded in report.json: YAML's dates and the like as text.
+        metadata=json.loads(json.dumps(spec.get("metadata"), default=str)),
+        items=items,
+    )
+
+
+def load_task_file(path: str | Path, enc: Any = None) -> Benchmark:
+    """A task file's docs as a benchmark: the items exactly as they are, each option's tokens
+    `` option`` in ``enc`` (GPT-2's by default, as for the built-in task)."""
+    f = read_task_file(path)
+    enc = enc if enc is not None else get_tokenizer()
+    continuations = {c: enc.encode_ordinary(DELIMITER + c) for it in f.items for c in it.choices}
+    # Nothing is cut or drawn: the config records the longest option (what a model's context
+    # must hold beside a prompt token) and the most choices.
+    cfg = BenchmarkConfig(
+        answer_tokens=max(len(t) for t in continuations.values()),
+        distractors=max(len(it.choices) for it in f.items) - 1,
+    )
+    per_type: dict[str, int] = defaultdict(int)
+    for it in f.items:
+        per_type[it.qtype or UNTYPED] += 1
+    description = {
+        "task_file": str(f.path),
+        "task_file_sha256": f.sha256,
+        "data_file": str(f.data_file),
+        "data_file_sha256": f.data_sha256,
+        "lm_eval_split": f.split,
+        "fields": f.fields,
+        "metadata": f.metadata,
+        "items": len(f.items),
+        "items_per_type": dict(sorted(per_type.items())),
+    }
+    bench = Benchmark(
+        f.name,
+        cfg,
+        f.items,
+        description,
+        continuations,
+        np.zeros(0, dtype=np.int64),
+        task_file=str(f.path),
+    )
+    description["items_hash"] = bench.content_hash()
+    return bench
+
+
+# ---------------------------------------------------------------------------------------------
 # Scoring
 
 
@@ -771,6 +1136,25 @@ def score_model(
 
 def method(bench: Benchmark) -> dict[str, Any]:
     cfg = bench.config
+    scoring = {
+        "acc": "the option with the highest summed log-likelihood of its tokens",
+        "acc_norm": "the option with the highest summed log-likelihood per character of the "
+        "option (lm-evaluation-harness's acc_norm)",
+        "ties": "the first option",
+        "interval": "Wilson score interval, 95%",
+        "baseline": "add-one smoothed unigram log-likelihood of the option's tokens under the "
+        "training corpus's token counts, ranked the same two ways",
+    }
+    if bench.task_file is not None:
+        return {
+            "prompt": f"each doc's {bench.description['fields']['doc_to_text']!r} field, as it is",
+            "continuation": DELIMITER + "{option}",
+            "end_of_text_prefix": False,
+            "items": f"the docs of {bench.task_file} as they are: no split rule, no distractor "
+            "draw",
+            "longest_option_tokens": cfg.answer_tokens,
+            **scoring,
+        }
     return {
         "prompt": PROMPT,
         "continuation": DELIMITER + "{option}",
@@ -781,13 +1165,7 @@ def method(bench: Benchmark) -> dict[str, Any]:
         "seed": cfg.seed,
         "distractor_pool": "answers of other held-out documents to questions of the same type "
         f"(small types: {cfg.small_types}); any answer for untyped questions",
-        "acc": "the option with the highest summed log-likelihood of its tokens",
-        "acc_norm": "the option with the highest summed log-likelihood per character of the "
-        "option (lm-evaluation-harness's acc_norm)",
-        "ties": "the first option",
-        "interval": "Wilson score interval, 95%",
-        "baseline": "add-one smoothed unigram log-likelihood of the option's tokens under the "
-        "training corpus's token counts, ranked the same two ways",
+        **scoring,
     }
 
 
@@ -837,8 +1215,14 @@ def lm_eval_config(bench: Benchmark, data_file: Path) -> dict[str, Any]:
             "medgpt_task": bench.task,
             "items": len(bench.items),
             "items_hash": bench.description["items_hash"],
-            "answer_tokens": bench.config.answer_tokens,
-            "distractors": bench.config.distractors,
+            **(
+                {
+                    "answer_tokens": bench.config.answer_tokens,
+                    "distractors": bench.config.distractors,
+                }
+                if bench.task_file is None
+                else {"task_file": bench.task_file}  # a re-export of a frozen item set
+            ),
         },
     }
 

@@ -284,9 +284,10 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "--task",
         action="append",
         default=[],
-        metavar="NAME",
-        help=f"a benchmark scored beside the loss, repeatable ({', '.join(TASKS)}: multiple "
-        "choice on held-out question-answer pairs)",
+        metavar="NAME|FILE.yaml",
+        help=f"a benchmark scored beside the loss, repeatable: {', '.join(TASKS)} (multiple "
+        "choice on held-out question-answer pairs), or an lm-eval multiple_choice task file "
+        "(.yaml/.yml, e.g. an --export-lm-eval): a frozen item set, scored as it is",
     )
     p.add_argument(
         "--min-accuracy",
@@ -346,7 +347,7 @@ def _benchmark_flags() -> list[Any]:
 
 def _benchmark_config(args: argparse.Namespace) -> Any:
     """The task options of ``medgpt evaluate`` (``--choices N`` is ``--distractors N-1``)."""
-    from medgpt.benchmark import BenchmarkConfig
+    from medgpt.benchmark import TASKS, BenchmarkConfig, is_task_file
     from medgpt.config import ConfigError, from_mapping, given_flags
 
     given = given_flags(args, _benchmark_flags())
@@ -365,9 +366,16 @@ def _benchmark_config(args: argparse.Namespace) -> Any:
     if (values or args.export_lm_eval) and not args.task:
         flags = [o.given.split()[0] for o in given] + (["--choices"] if args.choices else [])
         flags += ["--export-lm-eval"] if args.export_lm_eval else []
-        from medgpt.benchmark import TASKS
-
-        raise ConfigError(f"{', '.join(flags)}: need --task (allowed: {', '.join(TASKS)})")
+        raise ConfigError(
+            f"{', '.join(flags)}: need --task (allowed: {', '.join(TASKS)}, or a task FILE.yaml)"
+        )
+    if values and args.task and all(is_task_file(t) for t in args.task):
+        # A task file's items are fixed: an option that would change them is a mistake.
+        flags = [o.given.split()[0] for o in given] + (["--choices"] if args.choices else [])
+        raise ConfigError(
+            f"{', '.join(flags)}: only for the built-in tasks ({', '.join(TASKS)}); a task "
+            "file's items are scored as they are"
+        )
     return from_mapping(BenchmarkConfig, values)
 
 
@@ -411,11 +419,18 @@ def print_gate(report: Any) -> int:
             f"{m.label:<10} loss {m.loss:.4f}  perplexity {m.perplexity:.2f}  "
             f"({m.tokens:,} tokens, {m.documents:,} documents)  {m.spec}"
         )
+    from medgpt.evaluation import choices_text
+
     for name, entry in report.tasks.items():
         u = entry["unigram_baseline"]
+        baseline = (
+            "no unigram baseline (no prepared training split)"
+            if u is None
+            else f"unigram baseline acc {u['acc']:.4f} acc_norm {u['acc_norm']:.4f}"
+        )
         print(
-            f"{name}: {entry['items']:,} questions, {entry['choices']} choices; chance "
-            f"{entry['chance']:.4f}, unigram baseline acc {u['acc']:.4f} acc_norm {u['acc_norm']:.4f}"
+            f"{name}: {entry['items']:,} questions, {choices_text(*entry['choices_range'])}; "
+            f"chance {entry['chance']:.4f}, {baseline}"
         )
         for m in [entry["model"], *entry["baselines"]]:
             lo, hi = m["acc_norm_ci95"]
@@ -566,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON/Markdown/PNG report, record it in MLflow; with --max-loss, PASS (exit 0) or FAIL "
         "(exit 1); with --task medquad-mc, also multiple-choice accuracy on held-out "
         "question-answer pairs (--min-accuracy gates it, --export-lm-eval writes the items as an "
-        "lm-eval task); with --register, a PASS becomes a registry version with the alias moved "
-        "to it. Bad input exits 2. Example: medgpt evaluate --checkpoint runs/tiny-cpu --data "
-        "data/icd10cm --max-loss 5 --register",
+        "lm-eval task, --task FILE.yaml scores such a frozen item set); with --register, a PASS "
+        "becomes a registry version with the alias moved to it. Bad input exits 2. Example: "
+        "medgpt evaluate --checkpoint runs/tiny-cpu --data data/icd10cm --max-loss 5 --register",
     )
     _add_evaluate_arguments(e)
     e.set_defaults(func=cmd_evaluate)

@@ -14,8 +14,9 @@ depend on batch size or order. Per-source figures come from the dataset's docume
 
 Tasks (``--task``, :mod:`medgpt.benchmark`) score the same models on benchmarks beside the loss:
 ``medquad-mc`` builds multiple-choice questions from the held-out question-answer pairs of the
-model's training corpus (or ``--qa-data``); the gate can require an accuracy
-(``--min-accuracy``, on acc_norm) as well as, or instead of, a loss.
+model's training corpus (or ``--qa-data``), and an lm-eval task file (``--task FILE.yaml``)
+scores a frozen item set as it is; the gate can require an accuracy (``--min-accuracy``, on
+acc_norm) as well as, or instead of, a loss.
 """
 
 from __future__ import annotations
@@ -527,11 +528,12 @@ def check_compatible(c: Candidate, data: EvalData) -> None:
 
 @dataclasses.dataclass
 class PreparedTask:
-    """A task's items, with the token counts of its model-free unigram baseline."""
+    """A task's items, with the token counts of its model-free unigram baseline (None: no
+    baseline, for a task file scored without the model's prepared dataset)."""
 
     bench: Benchmark
-    counts: np.ndarray
-    counts_from: str
+    counts: np.ndarray | None
+    counts_from: str | None
     counted_tokens: int
 
 
@@ -560,17 +562,31 @@ def split_rule_for(model: Candidate, data: EvalData) -> SplitRule:
     return SplitRule.defaults()
 
 
-def check_task_models(names: list[str], cfg: BenchmarkConfig, candidates: list[Candidate]) -> None:
-    """Every model can be scored on the tasks: GPT-2's tokenizer, room for an option."""
-    from medgpt.benchmark import check_tokenizer
+def check_task_models(
+    names: list[str],
+    cfg: BenchmarkConfig,
+    candidates: list[Candidate],
+    files: Iterable[Benchmark] = (),
+) -> None:
+    """Every model can be scored on the tasks: GPT-2's tokenizer, room for an option (the
+    budget of the built-in tasks, the longest option of each task file in ``files``)."""
+    from medgpt.benchmark import check_tokenizer, is_task_file
 
     for name in names:
         for c in candidates:
             check_tokenizer(name, c.spec, c.tokenizer, c.model.config.vocab_size)
-            if cfg.answer_tokens >= c.model.config.block_size:
+    for c in candidates:
+        block = c.model.config.block_size
+        if any(not is_task_file(n) for n in names) and cfg.answer_tokens >= block:
+            raise ConfigError(
+                f"--answer-tokens {cfg.answer_tokens}: {c.spec} has a context of {block} "
+                "tokens; the option budget must be smaller"
+            )
+        for b in files:
+            if b.config.answer_tokens >= block:
                 raise ConfigError(
-                    f"--answer-tokens {cfg.answer_tokens}: {c.spec} has a context of "
-                    f"{c.model.config.block_size} tokens; the option budget must be smaller"
+                    f"{b.task_file}: its longest option is {b.config.answer_tokens} tokens and "
+                    f"{c.spec} has a context of {block}; every option must be shorter"
                 )
 
 
@@ -586,9 +602,18 @@ def prepare_tasks(
     counts: everything that can refuse the input happens here, before any scoring."""
     if not names:
         return []
-    from medgpt.benchmark import build_benchmark, check_export_dir, qa_sources, train_token_counts
+    from medgpt.benchmark import (
+        build_benchmark,
+        check_export_dir,
+        is_task_file,
+        load_task_file,
+        qa_sources,
+        train_token_counts,
+    )
 
-    check_task_models(names, cfg, candidates)
+    # A task file is its items: no QA source, no split rule, nothing drawn.
+    files = {n: load_task_file(n) for n in names if is_task_file(n)}
+    check_task_models(names, cfg, candidates, files.values())
     if export is not None:
         check_export_dir(export)
     rule = split_rule_for(candidates[0], data)
@@ -599,6 +624,12 @@ def prepare_tasks(
         counts_from = f"the train split of {rule.data_dir}"
     out = []
     for name in names:
+        if name in files:
+            bench = files[name]
+            log(f"{bench.task}: {len(bench.items):,} items of the task file {bench.task_file}")
+            # Without the training split's counts there is no corpus to take a baseline from.
+            out.append(PreparedTask(bench, counts, counts_from or None, counted))
+            continue
         specs = qa_sources(rule, cfg, name)
         log(f"{name}: items from {', '.join(s.uri for s in specs)} (held out as in {rule.origin})")
         bench = build_benchmark(name, specs, rule, cfg, count_tokens=counts is None)
@@ -628,28 +659,35 @@ def score_task(
     from medgpt.benchmark import TASKS, accuracies, method, score_model, unigram_loglikelihoods
 
     b = task.bench
-    log(f"{b.task}: scoring {len(b.items):,} items x {b.config.choices} choices")
+    sizes = [len(it.choices) for it in b.items]
+    log(f"{b.task}: scoring {len(b.items):,} items x {choices_text(min(sizes), max(sizes))}")
     models = [
         {"label": c.label, "spec": c.spec, **score_model(c.model, b, device, cfg.batch_tokens,
                                                           cfg.head_chunk)}
         for c in candidates
     ]  # fmt: skip
-    unigram = accuracies(b, unigram_loglikelihoods(b, task.counts))
+    unigram = None
+    if task.counts is not None:
+        unigram = {
+            "counts_from": task.counts_from,
+            "tokens": task.counted_tokens,
+            **accuracies(b, unigram_loglikelihoods(b, task.counts)),
+        }
     return {
         "task": b.task,
-        "about": TASKS[b.task],
+        "about": TASKS[b.task]
+        if b.task_file is None
+        else f"multiple choice on the frozen items of {b.task_file}",
         "items": len(b.items),
-        "choices": b.config.choices,
+        "choices": b.choices,  # None: a task file whose items have different numbers
+        "choices_range": [min(sizes), max(sizes)],
         "chance": b.chance,
         "method": method(b),
         "data": b.description,
         "model": models[0],
         "baselines": models[1:],
-        "unigram_baseline": {
-            "counts_from": task.counts_from,
-            "tokens": task.counted_tokens,
-            **unigram,
-        },
+        # None: a task file scored without the model's prepared dataset (no training counts).
+        "unigram_baseline": unigram,
         "lm_eval_export": None,
     }
 
@@ -691,9 +729,9 @@ def task_metrics(name: str, entry: dict[str, Any], key: Any = str) -> dict[str, 
         f"{p}_acc_norm_ci_high": m["acc_norm_ci95"][1],
         f"{p}_items": float(entry["items"]),
         f"{p}_chance": entry["chance"],
-        f"{p}_unigram_acc": u["acc"],
-        f"{p}_unigram_acc_norm": u["acc_norm"],
     }
+    if u is not None:
+        out.update({f"{p}_unigram_acc": u["acc"], f"{p}_unigram_acc_norm": u["acc_norm"]})
     for source, v in m["per_source"].items():
         out[key(f"{p}_acc_norm.{source}")] = v["acc_norm"]
     for qtype, v in m["per_type"].items():
@@ -731,7 +769,7 @@ def score_checkpoints(
         if prepared is None:
             prepared = prepare_tasks(tasks, cfg, [c], ev, log=lambda *_: None)
         else:
-            check_task_models(tasks, cfg, [c])
+            check_task_models(tasks, cfg, [c], [t.bench for t in prepared if t.bench.task_file])
         metrics: dict[str, float] = {}
         for t in prepared:
             s = score_model(c.model, t.bench, device, eval_cfg.batch_tokens, eval_cfg.head_chunk)
@@ -1116,26 +1154,48 @@ def _ci(values: list[float]) -> str:
     return f"{lo:.3f}–{hi:.3f}" if math.isfinite(lo) else "–"
 
 
+def choices_text(fewest: int, most: int) -> str:
+    """``4 choices``, or ``2-5 choices`` for a task file whose items differ."""
+    return f"{most} choices" if fewest == most else f"{fewest}-{most} choices"
+
+
 def render_task_markdown(name: str, entry: dict[str, Any]) -> list[str]:
     """A task's section of report.md: the accuracies beside chance and the baseline, then
     acc_norm per source and per question type."""
     d, m = entry["data"], entry["method"]
     scorers = [entry["model"], *entry["baselines"]]
     unigram = entry["unigram_baseline"]
+    fewest, most = entry["choices_range"]
+    if "task_file" in d:
+        about = (
+            f"{entry['items']:,} questions with {choices_text(fewest, most)} "
+            f"each: the frozen items of `{d['task_file']}` (sha256 {d['task_file_sha256'][:12]}, "
+            f"items hash {d['items_hash'][:12]}), scored as they are. Prompt: each doc's "
+            f"`{d['fields']['doc_to_text']}` field, each option its continuation."
+        )
+    else:
+        about = (
+            f"{entry['items']:,} questions with {entry['choices']} choices each, from "
+            f"{', '.join(d['sources'])}: {d['pairs_read']:,} question-answer pairs read, "
+            f"{d['held_out_pairs']:,} held out (seed {d['split']['seed']}, validation share "
+            f"{d['split']['val_fraction']}, as in {d['split']['from']}), "
+            f"{d['left_out_shared_with_training']:,} of them left out for sharing a question or "
+            "an answer with the training split. Prompt `Question: {question}\\nAnswer:`, each "
+            f"option its continuation, cut to {m['answer_tokens']} tokens."
+        )
+    baseline = (
+        "no unigram baseline: no prepared training split of the model was found (give --data "
+        "a prepared dataset)"
+        if unigram is None
+        else "Baseline: add-one smoothed unigram log-likelihood under "
+        f"{unigram['counts_from']} ({unigram['tokens']:,} tokens)"
+    )
     lines = [
         "",
         f"## {name}: {entry['about']}",
         "",
-        f"{entry['items']:,} questions with {entry['choices']} choices each, from "
-        f"{', '.join(d['sources'])}: {d['pairs_read']:,} question-answer pairs read, "
-        f"{d['held_out_pairs']:,} held out (seed {d['split']['seed']}, validation share "
-        f"{d['split']['val_fraction']}, as in {d['split']['from']}), "
-        f"{d['left_out_shared_with_training']:,} of them left out for sharing a question or "
-        "an answer with the training split. Prompt `Question: {question}\\nAnswer:`, each "
-        f"option its continuation, cut to {m['answer_tokens']} tokens. acc: the option with "
-        "the highest summed log-likelihood; acc_norm: the highest per character (lm-eval's); "
-        "95% Wilson intervals. Baseline: add-one smoothed unigram log-likelihood under "
-        f"{unigram['counts_from']} ({unigram['tokens']:,} tokens).",
+        f"{about} acc: the option with the highest summed log-likelihood; acc_norm: the highest "
+        f"per character (lm-eval's); 95% Wilson intervals. {baseline}.",
         "",
         "| scorer | acc | 95% CI | acc_norm | 95% CI | items/s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -1145,11 +1205,13 @@ def render_task_markdown(name: str, entry: dict[str, Any]) -> list[str]:
             f"| {s['label']}: `{s['spec']}` | {_fmt(s['acc'])} | {_ci(s['acc_ci95'])} | "
             f"{_fmt(s['acc_norm'])} | {_ci(s['acc_norm_ci95'])} | {_fmt(s.get('items_per_s'), 1)} |"
         )
-    lines.append(
-        f"| unigram baseline (no model) | {_fmt(unigram['acc'])} | {_ci(unigram['acc_ci95'])} | "
-        f"{_fmt(unigram['acc_norm'])} | {_ci(unigram['acc_norm_ci95'])} | – |"
-    )
-    lines.append(f"| chance (1/{entry['choices']}) | {_fmt(entry['chance'])} | – | "
+    if unigram is not None:
+        lines.append(
+            f"| unigram baseline (no model) | {_fmt(unigram['acc'])} | {_ci(unigram['acc_ci95'])} "
+            f"| {_fmt(unigram['acc_norm'])} | {_ci(unigram['acc_norm_ci95'])} | – |"
+        )
+    guess = f"1/{entry['choices']}" if entry["choices"] is not None else "mean of 1/choices"
+    lines.append(f"| chance ({guess}) | {_fmt(entry['chance'])} | – | "
                  f"{_fmt(entry['chance'])} | – | – |")  # fmt: skip
     for title, key in (("source", "per_source"), ("question type", "per_type")):
         heads = " | ".join(f"acc_norm ({s['label']})" for s in scorers)
@@ -1162,10 +1224,8 @@ def render_task_markdown(name: str, entry: dict[str, Any]) -> list[str]:
         ]
         for group, v in entry["model"][key].items():
             accs = " | ".join(_fmt(s[key].get(group, {}).get("acc_norm")) for s in scorers)
-            lines.append(
-                f"| {group} | {v['items']:,} | {accs} | "
-                f"{_fmt(unigram[key].get(group, {}).get('acc_norm'))} |"
-            )
+            uni = (unigram or {}).get(key, {}).get(group, {}).get("acc_norm")
+            lines.append(f"| {group} | {v['items']:,} | {accs} | {_fmt(uni)} |")
     if entry.get("lm_eval_export"):
         lines += ["", f"Exported as an lm-evaluation-harness task: `{entry['lm_eval_export']}`."]
     return lines
@@ -1181,7 +1241,7 @@ def task_png(report: dict[str, Any], name: str, path: Path, max_sources: int = 3
     scorers = [
         *((f"{s['label']} ({_fmt(s['acc_norm'], 3)})", s) for s in
           [entry["model"], *entry["baselines"]]),
-        (f"unigram baseline ({_fmt(unigram['acc_norm'], 3)})", unigram),
+        *([(f"unigram baseline ({_fmt(unigram['acc_norm'], 3)})", unigram)] if unigram else []),
     ]  # fmt: skip
     per = entry["model"]["per_source"]
     names = sorted(per, key=lambda n: -per[n]["items"])[:max_sources]

@@ -1,13 +1,16 @@
 """The multiple-choice benchmark (medgpt.benchmark, `medgpt evaluate --task medquad-mc`): items
 only from held-out documents, seeded distractors of the same question type, log-likelihoods
 equal to a direct forward pass, acc/acc_norm with intervals, the gate, MLflow, the lm-eval
-export, and bad input (exit 2, nothing written)."""
+export, lm-eval task files as frozen item sets (`--task FILE.yaml`), and bad input (exit 2,
+nothing written)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import torch
 import yaml
 
 from medgpt.benchmark import (
+    NO_SOURCE,
     PROMPT,
     Benchmark,
     BenchmarkConfig,
@@ -23,8 +27,10 @@ from medgpt.benchmark import (
     SplitRule,
     accuracies,
     build_benchmark,
+    check_tasks,
     cut_option,
     export_lm_eval,
+    load_task_file,
     loglikelihoods,
     unigram_loglikelihoods,
     wilson,
@@ -437,6 +443,159 @@ def test_export_lm_eval_task_matches_the_items(qa, tmp_path) -> None:
     assert sorted(p.name for p in export.iterdir()) == ["medquad_mc.jsonl", "medquad_mc.yaml"]
 
 
+# --- task files: frozen item sets ---------------------------------------------------------------
+
+
+def _task_file(
+    folder: Path,
+    docs: list | None = None,
+    lines: list[str] | None = None,
+    text: str | None = None,
+    extra: str = "",
+    **keys,
+) -> Path:
+    """``folder/frozen.yaml`` over ``folder/frozen.jsonl`` in the shape medgpt exports; ``keys``
+    replace the YAML's keys (None drops one), ``extra`` is YAML text added to them, ``lines``
+    the jsonl's lines, ``text`` the whole YAML."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if docs is None:
+        docs = [{"query": f"Question: q{i} ?\nAnswer:", "choices": [f"yes {i}", f"no {i}", "maybe"],
+                 "gold": i % 3} for i in range(6)]  # fmt: skip
+    if lines is None:
+        lines = [json.dumps(d) for d in docs]
+    (folder / "frozen.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    spec = {
+        "task": "frozen",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": "frozen.jsonl"}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "query",
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+        "target_delimiter": " ",
+        "metadata": {"version": 1.0},
+    }
+    for k, v in keys.items():
+        if v is None:
+            spec.pop(k)
+        else:
+            spec[k] = v
+    path = folder / "frozen.yaml"
+    path.write_text(yaml.safe_dump(spec) + extra if text is None else text)
+    return path
+
+
+def test_frozen_export_scores_exactly_the_built_in_items(qa, tmp_path) -> None:
+    """The round trip: the built-in task's export, scored as a task file on the same checkpoint,
+    gives the same acc, acc_norm, baseline and breakdowns; the report records the file."""
+    from medgpt import tracking
+    from medgpt.evaluation import task_metrics
+
+    export = tmp_path / "frozen"
+    common = ["--checkpoint", qa["ckpt"], "--data", qa["data"], "--no-mlflow"]
+    assert _evaluate(*common, "--out", tmp_path / "built", "--task", "medquad-mc",
+                     "--answer-tokens", "16", "--export-lm-eval", export) == 0  # fmt: skip
+    built = json.loads((tmp_path / "built" / "report.json").read_text())["tasks"]["medquad-mc"]
+    task = export / "medquad_mc.yaml"
+    out = tmp_path / "file"
+    assert _evaluate(*common, "--out", out, "--task", task, "--min-accuracy", "0",
+                     "--export-lm-eval", tmp_path / "again") == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["tasks"]) == ["medquad_mc"]  # the YAML's task name
+    frozen = report["tasks"]["medquad_mc"]
+    for key in ("items", "choices", "chance"):
+        assert frozen[key] == built[key]
+    for key in ("acc", "acc_norm", "acc_ci95", "acc_norm_ci95"):
+        assert frozen["model"][key] == built["model"][key]
+        assert frozen["unigram_baseline"][key] == built["unigram_baseline"][key]
+    for key in ("per_source", "per_type"):
+        assert frozen["model"][key] == built["model"][key]
+    d = frozen["data"]
+    assert d["task_file"] == str(task)
+    assert d["task_file_sha256"] == hashlib.sha256(task.read_bytes()).hexdigest()
+    assert d["items_hash"] == built["data"]["items_hash"]  # the same items, byte for byte
+    assert frozen["unigram_baseline"]["counts_from"] == f"the train split of {qa['data']}"
+    assert report["gate"] == {"min_accuracy": 0.0, "accuracy_metric": "acc_norm",
+                              "accuracy": {"medquad_mc": frozen["model"]["acc_norm"]},
+                              "passed": True}  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "## medquad_mc: multiple choice on the frozen items of" in md and "chance (1/4)" in md
+    assert (out / "medquad_mc_per_source.png").is_file()
+    metrics = task_metrics("medquad_mc", frozen, tracking.metric_key)
+    assert metrics["medquad_mc_acc_norm"] == frozen["model"]["acc_norm"]
+    assert "medquad_mc_unigram_acc_norm" in metrics and "medquad_mc_acc_norm.GARD" in metrics
+    # A re-export of a task file writes its items again, unchanged.
+    again = tmp_path / "again" / "medquad_mc.jsonl"
+    assert again.read_text() == (export / "medquad_mc.jsonl").read_text()
+
+
+def test_task_file_without_a_prepared_dataset(qa, tmp_path, capsys) -> None:
+    """Docs without id/source/qtype, choices of different numbers: chance is the mean of
+    1/choices; without the model's prepared dataset the unigram baseline is absent."""
+    from medgpt.evaluation import score_checkpoints, task_metrics
+
+    docs = [{"query": f"Question: q{i} ?\nAnswer:", "gold": i % 2,
+             "choices": [f"a{i}", f"b{i}", "c", "d"][: 2 + i % 3]} for i in range(9)]  # fmt: skip
+    task = _task_file(tmp_path / "task", docs=docs)
+    ck = save_checkpoint(tmp_path / "bare", _model(64), {"step": 1})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Fever and cough are common symptoms of a cold.")
+    out = tmp_path / "rep"
+    assert _evaluate("--checkpoint", ck, "--data", notes, "--no-mlflow", "--out", out,
+                     "--task", task, "--min-accuracy", "0") == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    t = json.loads((out / "report.json").read_text())["tasks"]["frozen"]
+    assert t["unigram_baseline"] is None and "no unigram baseline" in printed
+    assert t["choices"] is None and t["choices_range"] == [2, 4] and "2-4 choices" in printed
+    assert t["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
+    assert list(t["model"]["per_source"]) == [NO_SOURCE] and list(t["model"]["per_type"]) == [
+        "(untyped)"
+    ]
+    assert t["data"]["metadata"] == {"version": 1.0}
+    md = (out / "report.md").read_text()
+    assert "no unigram baseline" in md and "chance (mean of 1/choices)" in md
+    metrics = task_metrics("frozen", t)
+    assert "frozen_acc_norm" in metrics and not any("unigram" in k for k in metrics)
+    # How a sweep ranks trials by a task: the same items, the same accuracies.
+    got = score_checkpoints([str(ck)], [str(task)], BenchmarkConfig(), [str(notes)],
+                            storage_path=str(tmp_path / "store"))  # fmt: skip
+    assert got == [{"frozen_acc": pytest.approx(t["model"]["acc"]),
+                    "frozen_acc_norm": pytest.approx(t["model"]["acc_norm"])}]  # fmt: skip
+
+
+def test_task_file_fields_splits_and_paths(tmp_path, monkeypatch) -> None:
+    """Fields bare or as {{field}}, a literal list of choices, the validation split, a data file
+    found beside the YAML or else from the working directory, a .json array, blank lines; ids
+    are line numbers where the docs have none; the same file twice is one task."""
+    lines = [json.dumps({"prompt": "Is it?", "label": 1, "id": "x1", "source": "S", "qtype": "t"}),
+             "", json.dumps({"prompt": "Was it?", "label": 0})]  # fmt: skip
+    task = _task_file(tmp_path / "a", lines=lines, doc_to_text="{{ prompt }}",
+                      doc_to_choice=["yes", "no"], doc_to_target="{{label}}", test_split=None,
+                      validation_split="validation",
+                      dataset_kwargs={"data_files": {"validation": "frozen.jsonl"}})  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    bench = load_task_file(task)
+    assert [(it.id, it.source, it.qtype, it.prompt, it.choices, it.gold) for it in bench.items] == [
+        ("x1", "S", "t", "Is it?", ("yes", "no"), 1),
+        ("3", NO_SOURCE, None, "Was it?", ("yes", "no"), 0),
+    ]
+    enc = get_tokenizer()
+    assert bench.continuations == {c: enc.encode_ordinary(" " + c) for c in ("yes", "no")}
+    assert bench.chance == 0.5 and bench.description["lm_eval_split"] == "validation"
+    # A relative data file not beside the YAML: from the working directory.
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "d.json").write_text(json.dumps(
+        [{"query": "Q?", "choices": ["x", "y", "z"], "gold": 2}]))  # fmt: skip
+    other = _task_file(tmp_path / "b", dataset_kwargs={"data_files": {"test": "docs/d.json"}})
+    bench = load_task_file(other)
+    assert bench.description["data_file"] == str(tmp_path / "docs" / "d.json")
+    assert [(it.id, it.gold) for it in bench.items] == [("1", 2)]
+    assert check_tasks([str(task), str(tmp_path / "a" / "." / "frozen.yaml"), "medquad-mc"]) == [
+        str(task), "medquad-mc",
+    ]  # fmt: skip
+
+
 def test_default_qa_source_from_the_manifest_and_raw_qa_data(qa, tmp_path) -> None:
     # A checkpoint without training data: the task uses --data's manifest and its sources.
     ck = save_checkpoint(tmp_path / "bare", _model(64), {"step": 1})
@@ -477,6 +636,15 @@ def _other_tokenizer(tmp: Path) -> list[str]:
     return ["--checkpoint", str(ck)]
 
 
+def _file_task(**kw) -> Callable[[Path], list[str]]:
+    """A BAD case: ``--task`` naming a task file written with ``kw`` (see _task_file)."""
+    return lambda t: ["--task", str(_task_file(t / "task", **kw))]
+
+
+def _two_files_one_name(tmp: Path) -> list[str]:
+    return ["--task", str(_task_file(tmp / "a")), "--task", str(_task_file(tmp / "b"))]
+
+
 def _busy_export(tmp: Path) -> list[str]:
     (tmp / "busy").mkdir()
     (tmp / "busy" / "mine.txt").write_text("x")
@@ -498,6 +666,76 @@ BAD = {
     "budget beyond the context": (lambda t: ["--answer-tokens", "64"], "context of 64 tokens"),
     "export folder holds other files": (_busy_export, "is not an lm-eval task folder"),
     "min-accuracy out of range": (lambda t: ["--min-accuracy", "1.5"], "min_accuracy: must be"),
+    "task file missing": (
+        lambda t: ["--task", str(t / "nowhere.yml")], "nowhere.yml: not found",
+    ),
+    "task file not YAML": (_file_task(text="task: [frozen\n"), "frozen.yaml: not valid YAML"),
+    "task file not a mapping": (_file_task(text="- a\n- b\n"), "frozen.yaml: expected a mapping"),
+    "task file output_type": (
+        _file_task(output_type="generate_until"),
+        "output_type: 'generate_until': medgpt scores multiple-choice tasks (allowed: "
+        "multiple_choice)",
+    ),
+    "task file without a key": (_file_task(doc_to_target=None), "frozen.yaml: no 'doc_to_target'"),
+    "task file !function": (
+        _file_task(extra="process_docs: !function u.docs\n"),
+        "frozen.yaml: process_docs: not supported",
+    ),
+    "task file doc_to_text a !function": (
+        _file_task(doc_to_text=None, extra="doc_to_text: !function u.text\n"),
+        "doc_to_text: !function u.text: Python is not run; medgpt scores tasks whose fields name "
+        "the prompt, the options and the gold index directly",
+    ),
+    "task file template": (
+        _file_task(doc_to_text="Question: {{question}}\nAnswer:"),
+        "frozen.yaml: doc_to_text: 'Question: {{question}}\\nAnswer:' (allowed: a field",
+    ),
+    "task file delimiter": (
+        _file_task(target_delimiter="\n"), "target_delimiter: '\\n' (allowed: ' '",
+    ),
+    "task file fewshot": (_file_task(num_fewshot=5), "frozen.yaml: num_fewshot: not supported"),
+    "task file data missing": (
+        _file_task(dataset_kwargs={"data_files": {"test": "gone.jsonl"}}),
+        "frozen.yaml: data file gone.jsonl not found",
+    ),
+    "task file csv data": (
+        _file_task(dataset_kwargs={"data_files": {"test": "docs.csv"}}),
+        "data_files.test: 'docs.csv' (allowed: a local .jsonl or .json file",
+    ),
+    "task file bad jsonl line": (
+        _file_task(lines=['{"query": "Q", "choices": ["a", "b"], "gold": 0}', '{"query": ']),
+        "frozen.jsonl: line 2: not valid JSON",
+    ),
+    "task file doc without the fields": (
+        _file_task(docs=[{"query": "Q", "choices": ["a", "b"]}]),
+        "frozen.jsonl: line 1: no field 'gold' (doc_to_target of frozen.yaml)",
+    ),
+    "task file one choice": (
+        _file_task(docs=[{"query": "Q", "choices": ["a"], "gold": 0}]),
+        "frozen.jsonl: line 1: choices: the choices must be a list of at least 2 distinct",
+    ),
+    "task file repeated choice": (
+        _file_task(docs=[{"query": "Q", "choices": ["a", "a"], "gold": 0}]), "an option repeats",
+    ),
+    "task file gold out of range": (
+        _file_task(docs=[{"query": "Q", "choices": ["a", "b"], "gold": 2}]),
+        "line 1: gold: 2 (allowed: the index of the gold option, an integer from 0 to 1)",
+    ),
+    "task file gold not an integer": (
+        _file_task(docs=[{"query": "Q", "choices": ["a", "b"], "gold": "1"}]), "gold: '1'",
+    ),
+    "task files with one name": (_two_files_one_name, "duplicate task name"),
+    "task file named like the built-in": (
+        lambda t: ["--task", "medquad-mc", "--task", str(_task_file(t / "x", task="medquad_mc"))],
+        "gives the same metrics (medquad_mc_acc, ...)",
+    ),
+    "task file with an item option": (
+        lambda t: [*_file_task()(t), "--distractors", "2"], "--distractors: only for the built-in",
+    ),
+    "task file option beyond the context": (
+        _file_task(docs=[{"query": "Q", "choices": [" ".join(["a"] * 80), "b"], "gold": 0}]),
+        "its longest option is 80 tokens and",
+    ),
 }  # fmt: skip
 
 
@@ -505,12 +743,11 @@ BAD = {
 def test_bad_input_exits_2_and_writes_nothing(case, qa, tmp_path, capsys) -> None:
     make, message = BAD[case]
     extra = make(tmp_path)
-    task = [] if "--task" in extra else ["--task", "medquad-mc"]
+    task = [] if "--task" in extra else ["--task", "medquad-mc", "--answer-tokens", "16"]
     base = ["--checkpoint", str(qa["ckpt"])] if "--checkpoint" not in extra else []
     store = tmp_path / "store"
-    rc = _evaluate(*base, "--data", qa["data"], "--storage", store, *task,
-                   "--answer-tokens", "16", *extra, "--out", tmp_path / "report",
-                   "--max-loss", "100", "--register")  # fmt: skip
+    rc = _evaluate(*base, "--data", qa["data"], "--storage", store, *task, *extra,
+                   "--out", tmp_path / "report", "--max-loss", "100", "--register")  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("medgpt evaluate: error:") and message in err, err
