@@ -493,6 +493,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A checkpoint as a Hugging Face folder or an ONNX model (medgpt.export); one line says
+    what was written, and for ONNX how closely onnxruntime matched torch."""
+    import json
+
+    from medgpt.export import PROVENANCE, export_checkpoint
+
+    if args.quiet_downloads:  # MLflow's download bars for models:/ and run references
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    out = export_checkpoint(
+        args.checkpoint, args.format, args.out, args.overwrite, args.storage, args.tracking_uri
+    )
+    record = json.loads((out / PROVENANCE).read_text())
+    src = record["source"]
+    step = f", step {src['step']}" if src.get("step") is not None else ""
+    if Path(args.checkpoint).resolve() != Path(src["path"]):  # a run folder, models:/...
+        step = f" ({src['path']}{step})"
+    files = ", ".join(n for n in record["files"] if n != PROVENANCE)
+    if args.format == "onnx":
+        check = record["onnx"]["verification"]
+        shapes = " and ".join("x".join(map(str, s)) for s in check["shapes"])
+        print(
+            f"exported {args.checkpoint}{step} as ONNX to {out / 'model.onnx'} (opset "
+            f"{record['onnx']['opset']}); onnxruntime matches torch: max abs diff "
+            f"{check['max_abs_diff']:.2g} <= {check['atol']:g} on input shapes {shapes}"
+        )
+    else:
+        print(f"exported {args.checkpoint}{step} as a Hugging Face GPT-2 folder to {out} ({files})")
+    return 0
+
+
 def _stack(args: argparse.Namespace) -> Any:
     from medgpt.config import flags_of, given_flags
     from medgpt.stack import Stack, StackConfig
@@ -668,6 +699,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--web-port", type=int, default=5000, help="the page's port (%(default)s)")
     d.add_argument("--serve-cpus", type=float, help="CPUs of the replica (serve/config.yaml)")
     d.set_defaults(func=cmd_demo)
+    x = sub.add_parser(
+        "export",
+        help="a checkpoint as a Hugging Face GPT-2 folder or an ONNX model (checked)",
+        description="Write any checkpoint reference as a folder other tools load: --format hf "
+        "(transformers' GPT2LMHeadModel and AutoTokenizer, offline) or --format onnx "
+        "(model.onnx with dynamic batch and sequence axes, checked against torch with "
+        "onnxruntime before it is kept; needs pip install 'medgpt[export]'). Each folder carries "
+        "medgpt-export.json (source, step, hashes, versions). Written atomically: complete or "
+        "not at all; an existing folder is replaced only with --overwrite. Bad input exits 2. "
+        "Example: medgpt export --checkpoint models:/medgpt@champion --format onnx --out "
+        "exports/champion-onnx",
+    )
+    x.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint folder, a training run folder (its best checkpoint), an MLflow run "
+        "id or runs:/ID, models:/NAME@ALIAS or models:/NAME/VERSION, s3:// or gs:// folders, or "
+        "a Hugging Face GPT-2 folder",
+    )
+    x.add_argument("--format", required=True, choices=["hf", "onnx"], help="what to write")
+    x.add_argument("--out", required=True, help="the folder to create (new or empty)")
+    x.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export at --out as a whole"
+    )
+    x.add_argument("--storage", default="runs", help="MLflow store / downloads (%(default)s)")
+    x.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite under --storage)",
+    )
+    x.add_argument(
+        "--quiet", dest="quiet_downloads", action="store_true", help="no download progress bars"
+    )
+    x.set_defaults(func=cmd_export)
     pl = sub.add_parser(
         "plan",
         help="will a recipe fit on a GPU? per-GPU memory by part, largest micro-batch",

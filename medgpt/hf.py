@@ -31,6 +31,8 @@ __all__ = [
     "load_hf_gpt2",
     "model_config_from_hf",
     "save_hf_gpt2",
+    "write_hf_files",
+    "write_tokenizer_files",
 ]
 
 HF_HUB_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -200,11 +202,20 @@ def save_hf_gpt2(model: GPT, out_dir: str | os.PathLike[str], overwrite: bool = 
     """Write ``model`` as a Hugging Face GPT-2 folder (config.json, model.safetensors and the
     GPT-2 vocabulary as vocab.json/merges.txt), atomically: the folder appears complete or not
     at all."""
-    from medgpt.tokenizer import default_vocab_dir
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise WeightsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+    hf_config_dict(model.config)  # refuses what HF cannot hold before anything is created
+    with staged_dir(out) as tmp:
+        write_hf_files(model, tmp)
+    return out
+
+
+def write_hf_files(model: GPT, folder: Path) -> list[str]:
+    """The files of :func:`save_hf_gpt2` written into an existing ``folder`` (no staging: the
+    caller's, e.g. medgpt.export's, which adds files of its own). Returns their names."""
+    from medgpt.tokenizer import default_vocab_dir
+
     config_json = hf_config_dict(model.config)
     state = {}
     for name, tensor in model.state_dict().items():
@@ -214,10 +225,63 @@ def save_hf_gpt2(model: GPT, out_dir: str | os.PathLike[str], overwrite: bool = 
         if name.endswith(_TRANSPOSED):
             t = t.t()
         state[name] = t.contiguous()
-    with staged_dir(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        vocab = default_vocab_dir()
-        shutil.copyfile(vocab / "encoder.json", tmp / "vocab.json")
-        shutil.copyfile(vocab / "vocab.bpe", tmp / "merges.txt")
-    return out
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    vocab = default_vocab_dir()
+    shutil.copyfile(vocab / "encoder.json", folder / "vocab.json")
+    shutil.copyfile(vocab / "vocab.bpe", folder / "merges.txt")
+    return ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+
+
+def write_tokenizer_files(folder: Path, block_size: int) -> list[str]:
+    """Beside vocab.json/merges.txt, what ``transformers.AutoTokenizer`` and ``generate`` read
+    from a model folder, so that neither guesses: the tokenizer class and its special tokens
+    (GPT-2 has one, ``<|endoftext|>``, for bos/eos/unk), the context as model_max_length (else
+    transformers assumes 1e30 and never truncates), and the fast tokenizer's tokenizer.json
+    when the ``tokenizers`` package is here to build it (without it AutoTokenizer converts
+    vocab.json/merges.txt itself, at load time). Returns the names written."""
+    from medgpt.tokenizer import EOT_ID, EOT_TOKEN
+
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    files = {
+        "tokenizer_config.json": {
+            "tokenizer_class": "GPT2Tokenizer",
+            **special,
+            "model_max_length": block_size,
+            "add_prefix_space": False,
+            "add_bos_token": False,
+            "errors": "replace",
+            # Off: decode(encode(text)) gives back the text (tiktoken's decode does the same).
+            "clean_up_tokenization_spaces": False,
+        },
+        "special_tokens_map.json": special,
+        "generation_config.json": {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID},
+    }
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+    written = list(files)
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+        from tokenizers.models import BPE
+    except ImportError:
+        return written
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    # As transformers' GPT2Tokenizer builds it from the same two files.
+    tok = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    return [*written, "tokenizer.json"]

@@ -52,7 +52,10 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         mask = None
-        is_causal = T > 1
+        # bool(): under torch.export (medgpt.export's ONNX graph) T is symbolic and SDPA takes
+        # only a Python bool; bool() turns the comparison into a guard (the exporter assumes
+        # T >= 2, and a one-token causal mask without a cache is the same as none).
+        is_causal = bool(T > 1)
         if cache is not None:
             k_cache, v_cache = cache
             k_cache[:, :, start : start + T] = k

@@ -16,8 +16,9 @@ LAYERS: list[set[str]] = [
     {"__init__", "errors", "api", "fsutil", "config", "tokenizer", "storage", "procs"},
     {"kernels", "kv_cache", "model", "hf", "quantize", "data", "sharding"},
     {"checkpoint", "generation", "plots", "plan", "benchmark"},
-    {"tracking", "registry", "mlflow_model"},
-    {"training", "launch", "evaluation", "tuning", "serving", "demo", "preflight", "stack"},
+    {"tracking", "registry", "mlflow_model", "rollout"},
+    {"training", "launch", "evaluation", "tuning", "serving", "demo", "preflight", "stack",
+     "export"},  # fmt: skip
     {"cli", "jobs", "web"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
