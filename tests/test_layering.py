@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"checkpoint", "generation", "plots", "plan", "benchmark"},
     {"tracking", "registry", "mlflow_model", "rollout"},
     {"training", "launch", "evaluation", "tuning", "serving", "demo", "preflight", "stack",
-     "export"},  # fmt: skip
+     "export"},
     {"cli", "jobs", "web"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
