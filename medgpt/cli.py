@@ -524,6 +524,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Move the alias (champion) to a version that passed its gate, or back (rollback); with
+    --serve-url, tell the Serve app and wait until it serves that version. A refused version
+    exits 1 with the reason; nothing has changed then."""
+    from medgpt import registry, tracking
+    from medgpt.rollout import notify_serve
+
+    # The check downloads the version: one line of outcome, not MLflow's progress bars.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    storage = Path(args.storage)
+    uri = tracking.tracking_uri_for(str(storage), args.tracking_uri)
+    tracking.require_store(uri)
+    cache = storage / "downloads"
+    ref = f"{args.model}@{args.alias}"
+    try:
+        if args.command == "rollback":
+            moved = registry.rollback(uri, args.model, args.alias, cache)
+        else:
+            moved = registry.promote(uri, args.model, args.alias, args.version, cache)
+    except registry.PromotionRefused as e:
+        print(f"refused: {e}; {ref} is unchanged", file=sys.stderr)
+        return 1
+    before = moved["previous"]
+    if before == moved["version"]:
+        print(f"{ref} already names version {moved['version']}")
+    else:
+        print(f"{ref}: version {before or '(none)'} -> {moved['version']}")
+    url = args.serve_url or os.environ.get("MEDGPT_SERVE_URL")
+    if url:
+        served, seconds, what = notify_serve(url, moved["version"], args.wait)
+        if served:
+            print(f"{what} ({seconds:.1f} s after the alias moved)")
+        else:
+            print(f"warning: {what}; its replicas follow the alias at their next poll",
+                  file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def _stack(args: argparse.Namespace) -> Any:
     from medgpt.config import flags_of, given_flags
     from medgpt.stack import Stack, StackConfig
@@ -750,6 +788,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the largest micro-batch of gpt2 ... gpt2-xl on 24/40/80 GB cards, every setting",
     )
     pl.set_defaults(func=cmd_plan)
+    for command in ("promote", "rollback"):
+        pr = sub.add_parser(
+            command,
+            help="move the champion alias to a gated version"
+            if command == "promote"
+            else "move the champion alias back to the version it named before",
+            description="Move models:/MODEL@ALIAS to --version N (promote) or to the version it "
+            "named before the current one (rollback; again goes further back). The version must "
+            "carry a passing gate record (medgpt evaluate --register writes it) and its artifacts "
+            "must download with their registered hash and open: otherwise exit 1 with the "
+            "reason, and the alias is unchanged. With --serve-url (or MEDGPT_SERVE_URL) the Serve "
+            "app is told at once and the command waits until it serves the version; without it "
+            "the replicas follow the alias at their next poll (follow_poll_s). Example: medgpt "
+            "promote --version 3 --serve-url http://127.0.0.1:8000",
+        )
+        if command == "promote":
+            pr.add_argument("--version", required=True, help="the registry version to promote")
+        pr.add_argument("--model", default="medgpt", help="registered model (%(default)s)")
+        pr.add_argument("--alias", default="champion", help="the alias to move (%(default)s)")
+        pr.add_argument("--storage", default="runs", help="MLflow store / downloads (%(default)s)")
+        pr.add_argument(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite under --storage)",
+        )
+        pr.add_argument("--serve-url", help="the Serve app to tell (default: MEDGPT_SERVE_URL)")
+        pr.add_argument(
+            "--wait", type=float, default=300.0, help="seconds to wait for it (%(default)s)"
+        )
+        pr.set_defaults(func=cmd_promote)
     st = sub.add_parser(
         "stack",
         help="run object storage, PostgreSQL, an MLflow server and a Ray head on this machine",

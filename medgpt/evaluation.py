@@ -1025,11 +1025,27 @@ def run_gate(req: GateRequest, progress: bool | None = None, log: Any = print) -
                 run_id,
                 req.model_name,
                 req.alias,
-                tags=_version_tags(main, total.loss, data.description, task_reports),
+                tags={
+                    **_version_tags(main, total.loss, data.description, task_reports),
+                    **_gate_tags(req, run_id),
+                },
             )
         write_report(report, out)
         tracking.log_evaluation(uri, run_id, metrics, tags, out)
     return GateReport(report, str(out))
+
+
+def _gate_tags(req: GateRequest, run_id: str) -> dict[str, str]:
+    """The passing gate record a version carries (what ``medgpt promote`` requires)."""
+    from medgpt.registry import GATE_TAG
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tags = {GATE_TAG: "PASS", "gate.run_id": run_id, "gate.time": stamp}
+    if req.max_loss is not None:
+        tags["gate.max_loss"] = str(req.max_loss)
+    if req.min_accuracy is not None:
+        tags["gate.min_accuracy"] = str(req.min_accuracy)
+    return tags
 
 
 def _version_tags(

@@ -34,6 +34,16 @@ from medgpt.errors import CheckpointError
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the folder name a registered version carries
 SHA_TAG = "checkpoint_sha256"
+# The gate record on a version: "PASS" with the limits it passed (gate.max_loss, ...). Only a
+# version carrying it may become the champion (promote refuses others).
+GATE_TAG = "gate"
+# On the registered model: the versions an alias pointed to, oldest first (what rollback reads).
+HISTORY_TAG = "medgpt.alias_history.{alias}"
+HISTORY_LIMIT = 100
+
+
+class PromotionRefused(CheckpointError):
+    """A version that may not become what the alias names: ``medgpt promote`` exits 1."""
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -200,8 +210,11 @@ def register_checkpoint(
     same = _version_with_files(client, model_name, sha)
     if same is not None:
         # Gating the same files again (a rerun of the quickstart or of a sweep) moves the
-        # alias to the version that already carries them instead of piling up copies.
-        client.set_registered_model_alias(model_name, alias, same.version)
+        # alias to the version that already carries them instead of piling up copies; the
+        # newer gate record replaces the older.
+        for k, v in tags.items():
+            client.set_model_version_tag(model_name, same.version, k, v)
+        move_alias(uri, model_name, alias, str(same.version))
         return {
             "name": model_name,
             "version": str(same.version),
@@ -238,7 +251,7 @@ def register_checkpoint(
     version = str(info.registered_model_version)
     for k, v in {**tags, SHA_TAG: sha}.items():
         client.set_model_version_tag(model_name, version, k, v)
-    client.set_registered_model_alias(model_name, alias, version)
+    move_alias(uri, model_name, alias, version)
     return {
         "name": model_name,
         "version": version,
@@ -247,6 +260,127 @@ def register_checkpoint(
         SHA_TAG: sha,
         "run_id": run_id,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The champion: moving an alias, with its history
+
+
+def alias_history(client: Any, name: str, alias: str) -> list[str]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG.format(alias=alias), "")
+    return [v for v in raw.split(",") if v]
+
+
+def _set_history(client: Any, name: str, alias: str, versions: list[str]) -> None:
+    client.set_registered_model_tag(
+        name, HISTORY_TAG.format(alias=alias), ",".join(versions[-HISTORY_LIMIT:])
+    )
+
+
+def alias_version(uri: str, name: str, alias: str) -> str | None:
+    """The version ``alias`` names now, or None (no such alias or model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(tracking.mlflow_client(uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def move_alias(uri: str, name: str, alias: str, version: str) -> str | None:
+    """Point ``alias`` at ``version`` and record it in the alias's history; returns the version
+    it named before (None: it named none)."""
+    client = tracking.mlflow_client(uri)
+    before = alias_version(uri, name, alias)
+    client.set_registered_model_alias(name, alias, version)
+    history = alias_history(client, name, alias)
+    if before is not None and (not history or history[-1] != before):
+        history.append(before)  # an alias moved before histories were kept
+    if not history or history[-1] != version:
+        history.append(version)
+    _set_history(client, name, alias, history)
+    return before
+
+
+def gate_problem(tags: dict[str, str], name: str, version: str) -> str | None:
+    """Why a version may not become the champion (no passing gate record, no checkpoint
+    hash), or None."""
+    gate = tags.get(GATE_TAG)
+    if gate != "PASS":
+        have = f"{GATE_TAG}={gate}" if gate is not None else f"no {GATE_TAG!r} tag"
+        return (
+            f"{name} version {version} has no passing gate record ({have}); gate it first: "
+            f"medgpt evaluate --checkpoint models:/{name}/{version} --data DATA --max-loss X "
+            "--register"
+        )
+    if not tags.get(SHA_TAG):
+        return f"{name} version {version} carries no {SHA_TAG} tag: its files cannot be checked"
+    return None
+
+
+def check_candidate(uri: str, name: str, version: str, cache_dir: Path) -> Path:
+    """Everything that must hold before ``version`` may become the champion, checked before
+    anything changes: the version exists, its gate record passed, and its artifacts download
+    with the registered hash and load as a medgpt checkpoint. Returns the local folder; a
+    failure is :class:`PromotionRefused` naming the reason (an unknown version is a plain
+    CheckpointError: bad input)."""
+    from medgpt.checkpoint import read_meta
+
+    v = model_version(uri, f"models:/{name}/{version}")
+    problem = gate_problem(dict(v.tags), name, str(v.version))
+    if problem:
+        raise PromotionRefused(problem)
+    try:
+        folder, _ = fetch_registered(uri, f"models:/{name}/{version}", cache_dir)
+        read_meta(folder)
+        _check_weights(folder)
+    except CheckpointError as e:
+        raise PromotionRefused(f"{name} version {version}: {e}") from None
+    return folder
+
+
+def _check_weights(folder: Path) -> None:
+    """The weights file opens as safetensors with the tensors a GPT has (a header read: no
+    load)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"{WEIGHTS} does not open ({e})") from None
+    if "transformer.wte.weight" not in keys:
+        raise CheckpointError(f"{WEIGHTS} holds no GPT token embedding")
+
+
+def promote(uri: str, name: str, alias: str, version: str, cache_dir: Path) -> dict[str, Any]:
+    """Move ``alias`` to ``version`` once :func:`check_candidate` passes; returns what moved."""
+    version = str(int(version)) if str(version).isdigit() else str(version)
+    check_candidate(uri, name, version, cache_dir)
+    before = move_alias(uri, name, alias, version)
+    return {"name": name, "alias": alias, "version": version, "previous": before}
+
+
+def rollback(uri: str, name: str, alias: str, cache_dir: Path) -> dict[str, Any]:
+    """Move ``alias`` back to the version it named before the current one (checked as a
+    promotion is), dropping the current one from its history: a second rollback goes back
+    further."""
+    client = tracking.mlflow_client(uri)
+    model_version(uri, f"models:/{name}@{alias}")  # the alias exists, or a clear error
+    current = alias_version(uri, name, alias)
+    history = alias_history(client, name, alias)
+    while history and history[-1] == current:
+        history.pop()
+    if not history:
+        raise PromotionRefused(
+            f"{name}@{alias} names version {current} and no earlier version is recorded "
+            f"(promote one: medgpt promote --version N)"
+        )
+    target = history[-1]
+    check_candidate(uri, name, target, cache_dir)
+    client.set_registered_model_alias(name, alias, target)
+    _set_history(client, name, alias, history)
+    return {"name": name, "alias": alias, "version": target, "previous": current}
 
 
 def _version_with_files(client: Any, model_name: str, sha: str) -> Any:

@@ -500,6 +500,12 @@ def test_fail_never_registers_and_pass_moves_champion(registry) -> None:
     assert float(v1.tags["eval_loss"]) == pytest.approx(r1["model"]["loss"], abs=1e-6)
     assert r1["registered"]["version"] == "1" and r1["registered"]["alias"] == "champion"
     assert "git_commit" in v1.tags or not (Path(__file__).parents[1] / ".git").exists()
+    # The passing gate record medgpt promote requires, and the champion's history.
+    assert v1.tags["gate"] == "PASS" and v1.tags["gate.max_loss"] == "50.0"
+    assert v1.tags["gate.run_id"] == r1["mlflow"]["run_id"]
+    from medgpt.registry import alias_history
+
+    assert alias_history(client, "medgpt", "champion") == ["1", "2"]
 
 
 def test_evaluation_is_logged_to_the_training_run(registry) -> None:

@@ -117,8 +117,12 @@ def test_generate_equals_serve(client, serve_url) -> None:
     assert r.status_code == 200, r.get_data(as_text=True)
     out = r.get_json()
     assert out["text"] == direct["text"] and out["completion_tokens"] == direct["completion_tokens"]
+    lineage = out["model"].pop("lineage")
     assert out["model"] == {"id": MODEL_ID, "registry_version": None, "val_loss": 3.25,
                             "eval_loss": None}  # fmt: skip
+    assert lineage["model"] == MODEL_ID and lineage["registry_version"] is None
+    assert r.headers["X-Medgpt-Model"] == MODEL_ID  # Serve's lineage headers, relayed
+    assert f"model={MODEL_ID}" in r.headers["X-Medgpt-Lineage"]
     assert set(out) >= {"prompt_tokens", "finish_reason", "seconds", "ttft_s", "tokens_per_s"}
 
 
@@ -133,6 +137,8 @@ def test_stream_relays_serve_events(client) -> None:
     assert events[-1]["done"] is True
     assert events[-1]["completion_tokens"] == whole["completion_tokens"]
     assert events[-1]["model"]["id"] == MODEL_ID
+    assert events[0] == {"model": events[-1]["model"]}  # which version answers, first
+    assert r.headers["X-Medgpt-Model"] == MODEL_ID
 
 
 def test_stream_is_not_buffered(web_url) -> None:

@@ -82,6 +82,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Serve's headers naming the version that answered (medgpt.serving.deployment.Loaded).
+LINEAGE_HEADERS = ("X-Medgpt-Model", "X-Medgpt-Lineage")
 
 
 def _respond(err: ApiError) -> Response:
@@ -398,8 +400,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                 502, "The model server sent no model card.", kind="bad_gateway"
             ) from None
         keys = ("id", "registry_version", "registry_aliases", "val_loss", "eval_loss", "step",
-                "context_length", "training_run_id", "int8")  # fmt: skip
+                "context_length", "training_run_id", "int8", "lineage")  # fmt: skip
         return jsonify({k: card.get(k) for k in keys})
+
+    def _lineage(upstream: Any, out: Response) -> Response:
+        # Which version answered (Serve's headers), passed on as they came.
+        for name in LINEAGE_HEADERS:
+            if name in upstream.headers:
+                out.headers[name] = upstream.headers[name]
+        return out
 
     @app.post("/api/generate")
     def generate() -> Response:
@@ -408,9 +417,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         if resp.status_code != 200:
             raise _relay_error(resp)
         try:
-            return jsonify(resp.json())
+            out = jsonify(resp.json())
         except ValueError:
             raise ApiError(502, "The model server sent no JSON.", kind="bad_gateway") from None
+        return _lineage(resp, out)
 
     @app.post("/api/generate/stream")
     def generate_stream() -> Response:
@@ -419,10 +429,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         if resp.status_code != 200:
             resp.content  # noqa: B018 - read the (small) error body before closing
             raise _relay_error(resp)
-        out = Response(
-            _relay_stream(resp, app.config["READ_TIMEOUT"]),
-            mimetype="text/event-stream",
-            headers=STREAM_HEADERS,
+        out = _lineage(
+            resp,
+            Response(
+                _relay_stream(resp, app.config["READ_TIMEOUT"]),
+                mimetype="text/event-stream",
+                headers=STREAM_HEADERS,
+            ),
         )
         # Also when the client leaves before the first chunk (the generator never started).
         out.call_on_close(resp.close)

@@ -18,6 +18,7 @@ from medgpt.config import ConfigError, from_mapping
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+ROLLOUTS = ("auto", "beside", "drain")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -44,6 +45,16 @@ class ServeConfig:
     # The weights' and KV cache's dtype on the replica's device (the checkpoint stays float32
     # on disk; sampling is float32 whatever this is). Half precision on a GPU only.
     dtype: str = "float32"
+    # --- following the registry (a models:/NAME@ALIAS checkpoint) ---
+    # Seconds between re-reads of the alias (POST /admin/refresh re-reads at once); 0 = serve
+    # the version resolved at start-up until redeployed.
+    follow_poll_s: float = 10.0
+    # How a replica takes a new version: beside the old one (in-flight streams finish on the
+    # old; needs memory for both), drain (new requests wait while the old version finishes
+    # its streams and is freed, one replica at a time), or auto (beside when it fits).
+    rollout: str = "auto"
+    # The replica's memory budget for auto (MiB); None = what the machine has available.
+    memory_mb: int | None = None
     # --- the deployment (Ray Serve options of the replica) ---
     num_cpus: float = 2.0
     num_gpus: float = 0.0
@@ -116,6 +127,19 @@ class ServeConfig:
         )
         _require(self.target_ongoing_requests > 0, "target_ongoing_requests: must be > 0")
         _require(self.health_check_period_s > 0, "health_check_period_s: must be > 0")
+        _require(
+            self.follow_poll_s >= 0,
+            f"follow_poll_s: must be >= 0 (0 = do not follow the alias), got {self.follow_poll_s}",
+        )
+        _require(
+            self.rollout in ROLLOUTS,
+            f"rollout: {self.rollout!r} (allowed: {', '.join(ROLLOUTS)})",
+        )
+        _require(
+            self.memory_mb is None or self.memory_mb >= 1,
+            f"memory_mb: must be >= 1 (MiB), or null for what the machine has; got "
+            f"{self.memory_mb}",
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, prefix: str = "") -> ServeConfig:

@@ -98,12 +98,16 @@ class Completion:
         echo: str | None = None,
         logprobs: int | None = None,
         token_text: Callable[[int], str] = _token_text,
+        system_fingerprint: str | None = None,
     ) -> None:
         self.head = {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
             "object": "text_completion",
             "created": int(time.time()) if created is None else created,
             "model": model_id,
+            # OpenAI's field for "which backend configuration answered": here the version,
+            # its training run and its data (medgpt.serving.deployment.Loaded.fingerprint).
+            "system_fingerprint": system_fingerprint,
         }
         self.prompt_tokens = prompt_tokens * n  # OpenAI counts the prompt once per choice
         self.completion_tokens = 0
@@ -171,7 +175,7 @@ class Completion:
 
 
 # The model card's fields that every /generate answer repeats: which model answered.
-ANSWER_MODEL_FIELDS = ("id", "registry_version", "val_loss", "eval_loss")
+ANSWER_MODEL_FIELDS = ("id", "registry_version", "val_loss", "eval_loss", "lineage")
 
 
 class Generation:

@@ -146,6 +146,7 @@
       setState("error");
       return "error";
     }
+    if (msg.model && !msg.done) showModel(msg.model); // the version answering, before its text
     if (typeof msg.text === "string" && msg.text) {
       if (output.dataset.state === "connecting") setState("streaming");
       outCompletion.textContent += msg.text;
@@ -244,8 +245,11 @@
 
   function showModel(m) {
     const version = m.registry_version != null ? `registry version ${m.registry_version}` : "no registry version";
+    const lineage = m.lineage || {};
+    const run = lineage.training_run_id ? ` · run ${String(lineage.training_run_id).slice(0, 8)}` : "";
+    const data = lineage.data_hash ? ` · data ${String(lineage.data_hash).slice(0, 8)}` : "";
     modelLabel.textContent = `Model: ${m.id} · ${version} · val loss ${fmt(m.val_loss)}` +
-      (m.eval_loss != null ? ` · eval loss ${fmt(m.eval_loss)}` : "");
+      (m.eval_loss != null ? ` · eval loss ${fmt(m.eval_loss)}` : "") + run + data;
     modelLabel.dataset.id = m.id || "";
     if (m.context_length) {
       const max = Math.min(limits.max_new_tokens[1], m.context_length - 1);
