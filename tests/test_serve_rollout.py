@@ -76,6 +76,20 @@ def test_promote_then_rollback_under_load(ray_cluster, tmp_path, capsys) -> None
         wait_for(lambda: all(h["versions_loaded"] == ["medgpt-v1"]
                              for h in _replicas(url).values()), 60, "version 2 freed")  # fmt: skip
         after = {k: h["rss_mib"] for k, h in _replicas(url).items()}
+        # A version with damaged artifacts: promote refuses it before anything changes, and
+        # the app serves on with the champion it has.
+        files = set(store.rglob("model.safetensors"))
+        assert register_version(store, tmp_path, 3, GATED, **SHAPE) == "3"
+        assert main(["rollback", "--storage", str(store)]) == 0  # registering moved the alias
+        capsys.readouterr()
+        (damaged,) = set(store.rglob("model.safetensors")) - files
+        damaged.write_bytes(damaged.read_bytes()[:-4096])
+        assert main(["promote", "--version", "3", "--storage", str(store), "--serve-url", url]) == 1
+        assert "refused: medgpt version 3" in capsys.readouterr().err
+        assert {h["model"] for h in _replicas(url).values()} == {"medgpt-v1"}
+        r = requests.post(f"{url}/v1/completions", json={"prompt": "Gout", "max_tokens": 4},
+                          timeout=60)  # fmt: skip
+        assert r.status_code == 200 and r.json()["model"] == "medgpt-v1"
     finally:
         serve.delete("champion")
         serve.shutdown()
