@@ -222,7 +222,8 @@ def test_completion_stream_and_body_agree() -> None:
 
 def test_generation_events_and_summary() -> None:
     ticks = iter([0.0, 0.5, 2.0, 2.0])
-    card = {"id": "m", "registry_version": 3, "val_loss": 1.5, "eval_loss": None, "extra": 1}
+    card = {"id": "m", "registry_version": 3, "val_loss": 1.5, "eval_loss": None, "extra": 1,
+            "lineage": {"model": "m", "training_run_id": "r1"}}  # fmt: skip
     gen = Generation(card, prompt_tokens=2, clock=lambda: next(ticks))
     assert gen.events(Ev("Hi", [1, 2])) == [{"text": "Hi"}]
     last = gen.events(Ev("", [3], True, "length"))
@@ -230,7 +231,8 @@ def test_generation_events_and_summary() -> None:
                      "finish_reason": "length", "seconds": 2.0, "ttft_s": 0.5,
                      "tokens_per_s": 1.5,
                      "model": {"id": "m", "registry_version": 3, "val_loss": 1.5,
-                               "eval_loss": None}}]  # fmt: skip
+                               "eval_loss": None,
+                               "lineage": {"model": "m", "training_run_id": "r1"}}}]  # fmt: skip
     assert gen.body()["text"] == "Hi"
 
 

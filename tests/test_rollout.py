@@ -46,6 +46,18 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"store": store, "uri": uri, "root": root}
 
 
+@pytest.fixture(autouse=True)
+def _champion_is_version_1(request: pytest.FixtureRequest) -> None:
+    """Every test starts from the champion on version 1 (history: 1), whatever an earlier
+    one left."""
+    if "store" not in request.fixturenames:
+        return
+    store = request.getfixturevalue("store")
+    client = mlflow_client(store["uri"])
+    client.set_registered_model_alias("medgpt", "champion", "1")
+    registry._set_history(client, "medgpt", "champion", ["1"])
+
+
 def _alias(store: dict) -> str | None:
     return registry.alias_version(store["uri"], "medgpt", "champion")
 
@@ -159,9 +171,16 @@ def _generate(replica: Any, n: int, prompt: str = "Asthma") -> Any:
 
 
 async def _long_running(replica: Any, n: int) -> Any:
-    """A generation that is decoding (its first tokens out) when this returns."""
+    """A generation that is decoding (its first tokens out) when this returns, on an engine
+    slowed to 20 ms a step (a fake clock, not a fake engine: the steps are real), so that it
+    is still decoding while the next version loads, whatever the machine's speed."""
+    import time
+
+    engine = replica.current.engine
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.02), step())[1]
     task = _generate(replica, n)
-    await _until(lambda: replica.current.engine.stats()["running"] == 1)
+    await _until(lambda: engine.stats()["running"] == 1)
     return task
 
 

@@ -118,3 +118,48 @@ def _healthy(url: str) -> bool:
         return requests.get(f"{url}/healthz", timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+@pytest.mark.slow
+def test_drained_replicas_roll_one_at_a_time(ray_cluster, tmp_path, capsys) -> None:
+    """rollout: drain (two versions do not fit): each replica finishes its streams, frees the
+    old version and loads the new one while new requests wait; the app's coordinator lets one
+    replica at a time do it, so the other keeps serving. No answer fails."""
+    import ray
+    from ray import serve
+
+    from medgpt.serving import build_app
+
+    store = tmp_path / "store"
+    store.mkdir()
+    assert register_version(store, tmp_path, 1, GATED) == "1"
+    assert register_version(store, tmp_path, 2, GATED) == "2"
+    assert main(["rollback", "--storage", str(store)]) == 0
+    ray.init(address=ray_cluster["address"], ignore_reinit_error=True)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = {"checkpoint": "models:/medgpt@champion", "storage_path": str(store), "threads": 1,
+           "num_cpus": 0.5, "min_replicas": 2, "max_replicas": 2, "follow_poll_s": 300,
+           "rollout": "drain"}  # fmt: skip
+    serve.run(build_app(cfg, name="Drained"), name="drained", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(url), 180, "the drained app")
+        load = StreamLoad(url, clients=4, max_tokens=48, model="medgpt").start()
+        time.sleep(3)
+        assert main(["promote", "--version", "2", "--storage", str(store), "--serve-url", url,
+                     "--wait", "60"]) == 0  # fmt: skip
+        wait_for(lambda: {h["model"] for h in _replicas(url).values()} == {"medgpt-v2"}, 60,
+                 "both replicas on version 2")  # fmt: skip
+        time.sleep(2)
+        answers = load.stop()
+        states = {k: h["rollout"] for k, h in _replicas(url).items()}
+    finally:
+        serve.delete("drained")
+        serve.shutdown()
+    capsys.readouterr()
+    assert not [a for a in answers if not a.whole]
+    spans = sorted((s["drain_started"], s["swapped_at"]) for s in states.values())
+    assert all(s["mode"] == "drain" for s in states.values()), states
+    assert spans[0][1] <= spans[1][0], spans  # one replica after the other
+    assert {a.model for a in answers} == {"medgpt-v1", "medgpt-v2"}

@@ -463,8 +463,9 @@ class MedgptServer:
         from medgpt.rollout import coordinator
 
         seen, coord = 0, None
+        in_serve = ray.is_initialized() and self._replica_context() is not None
         while not self._stop.is_set():
-            if not ray.is_initialized():  # a replica built outside Ray (tests): no peers
+            if not in_serve:  # a replica built outside Serve (tests): no peers
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._refresh.wait(), self.cfg.follow_poll_s)
                 self._refresh.clear()
@@ -502,17 +503,19 @@ class MedgptServer:
         except Exception as e:  # the registry unreachable: serve on, try at the next poll
             self.rollout.update(state="error", error=f"{type(e).__name__}: {e}")
 
-    def _app_name(self) -> str:
+    def _replica_context(self) -> Any:
         try:
-            return serve.get_replica_context().app_name
+            return serve.get_replica_context()
         except Exception:  # built outside Serve (tests)
-            return f"local-{os.getpid()}"
+            return None
+
+    def _app_name(self) -> str:
+        ctx = self._replica_context()
+        return ctx.app_name if ctx is not None else f"local-{os.getpid()}"
 
     def _replica_tag(self) -> str:
-        try:
-            return serve.get_replica_context().replica_tag
-        except Exception:
-            return f"local-{os.getpid()}-{id(self)}"
+        ctx = self._replica_context()
+        return ctx.replica_tag if ctx is not None else f"local-{os.getpid()}-{id(self)}"
 
     def _mode(self, path: Path) -> tuple[str, str]:
         """beside or drain, and why (``rollout: auto`` decides by memory)."""
@@ -559,12 +562,13 @@ class MedgptServer:
         self.rollout.update(state=f"loading ({mode})", mode=mode, why=why)
         if mode == "drain":
             self._admit.clear()
+            self.rollout["drain_started"] = time.time()
         done: Future[Any] = Future()
         self._pending = (str(path), registry, mode, done)
         self._wake.set()
         try:
             await asyncio.wrap_future(done)
-            self.rollout.update(state="idle", serving=self.current.model_id,
+            self.rollout.update(state="idle", serving=self.current.model_id, swapped_at=time.time(),
                                 seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
         except Exception as e:
             self._failed[version] = str(e)
@@ -730,7 +734,7 @@ class MedgptServer:
         self._refresh.set()
         import ray
 
-        if ray.is_initialized():
+        if ray.is_initialized() and self._replica_context() is not None:
             from medgpt.rollout import coordinator
 
             # The coordinator being remade (its replica died): this replica checks anyway.
