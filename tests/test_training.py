@@ -87,6 +87,8 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
     assert again.lm_head.weight is again.transformer.wte.weight
+    # Loaded onto the file's tensors (meta-device build): real, trainable parameters.
+    assert all(p.device.type == "cpu" and p.requires_grad for p in again.parameters())
     assert read_meta(out)["val_loss"] == 1.5
     assert torch.equal(load_train_state(out)["opt"]["m"], torch.ones(2))
     assert not list(tmp_path.glob(".step-*")), "temporary folder left behind"

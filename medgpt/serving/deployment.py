@@ -468,21 +468,24 @@ class MedgptServer:
             if not in_serve:  # a replica built outside Serve (tests): no peers
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._refresh.wait(), self.cfg.follow_poll_s)
+                told = self._refresh.is_set()
                 self._refresh.clear()
-                await self._check_alias_logged(None)
+                await self._check_alias_logged(None, told)
                 continue
             try:
                 if coord is None:
                     coord = coordinator(self._app_name())
                     seen = await coord.wait.remote(-1, 0)
-                told = asyncio.ensure_future(self._refresh.wait())
+                here = asyncio.ensure_future(self._refresh.wait())
                 polled = asyncio.ensure_future(coord.wait.remote(seen, self.cfg.follow_poll_s))
                 done, _ = await asyncio.wait(
-                    {told, polled}, timeout=self.cfg.follow_poll_s + 5,
+                    {here, polled}, timeout=self.cfg.follow_poll_s + 5,
                     return_when=asyncio.FIRST_COMPLETED,
                 )  # fmt: skip
-                told.cancel()
+                here.cancel()
+                told = self._refresh.is_set()
                 if polled in done:
+                    told = told or polled.result() > seen
                     seen = polled.result()
                 else:
                     polled.cancel()
@@ -492,12 +495,13 @@ class MedgptServer:
                 coord = None
                 self.rollout["coordinator_error"] = f"{type(e).__name__}: {e}"
                 await asyncio.sleep(min(self.cfg.follow_poll_s, 5))
+                told = self._refresh.is_set()
             self._refresh.clear()
-            await self._check_alias_logged(coord)
+            await self._check_alias_logged(coord, told)
 
-    async def _check_alias_logged(self, coord: Any) -> None:
+    async def _check_alias_logged(self, coord: Any, told: bool) -> None:
         try:
-            await self._check_alias(coord)
+            await self._check_alias(coord, told)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the registry unreachable: serve on, try at the next poll
@@ -533,13 +537,18 @@ class MedgptServer:
         why = f"needs ~{need / 2**20:.0f} MiB beside the current version, {left / 2**20:.0f} MiB left"
         return ("beside" if need < 0.9 * left else "drain"), why
 
-    async def _check_alias(self, coord: Any) -> None:
+    async def _check_alias(self, coord: Any, told: bool) -> None:
+        """Roll out the version the alias names, unless it is the one served or one that
+        failed here before: polls skip those (no retry storm), being told retries them (the
+        store was down, say, and is back)."""
         from medgpt.registry import alias_version, fetch_registered
 
         name, alias = self.follows  # type: ignore[misc]
         version = await asyncio.to_thread(alias_version, self.tracking_uri, name, alias)
         self.rollout["checked_at"] = time.time()
-        if version is None or version == self.current.version or version in self._failed:
+        if version is None or version == self.current.version:
+            return
+        if version in self._failed and not told:
             return
         t0 = time.perf_counter()
         self.rollout.update(state="downloading", version=version, error=None)
