@@ -201,6 +201,11 @@ def test_a_generation_completes_with_its_summary(open_page, page_url, serve_url)
     assert p.page.text_content("#out-prompt") == "Asthma is"
     summary = p.page.text_content("#summary")
     assert summary.startswith(f"Done: {direct['completion_tokens']} tokens in"), summary
+    # Which version answered, from the stream's first event: its id and training run.
+    label = p.page.text_content("#model")
+    run = direct["model"]["lineage"]["training_run_id"]
+    assert label.startswith(f"Model: {direct['model']['id']} ·"), label
+    assert (f"run {run[:8]}" in label) if run else ("run " not in label), label
 
 
 def test_markup_in_the_prompt_is_shown_as_text(open_page, page_url, shots) -> None:
