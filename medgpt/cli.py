@@ -618,6 +618,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_flags(p, _train_flags())
 
 
+def _registry_version(text: str) -> str:
+    """argparse type of --version: MLflow numbers registry versions from 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a registry version: give its number (1, 2, ...)"
+        )
+    return str(int(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medgpt",
@@ -804,7 +813,13 @@ def build_parser() -> argparse.ArgumentParser:
             "promote --version 3 --serve-url http://127.0.0.1:8000",
         )
         if command == "promote":
-            pr.add_argument("--version", required=True, help="the registry version to promote")
+            pr.add_argument(
+                "--version",
+                required=True,
+                type=_registry_version,
+                help="the registry version to promote (a number, as `medgpt evaluate --register` "
+                "prints it)",
+            )
         pr.add_argument("--model", default="medgpt", help="registered model (%(default)s)")
         pr.add_argument("--alias", default="champion", help="the alias to move (%(default)s)")
         pr.add_argument("--storage", default="runs", help="MLflow store / downloads (%(default)s)")

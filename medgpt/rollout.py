@@ -37,9 +37,12 @@ def notify_serve(url: str, version: str, wait_s: float) -> tuple[bool, float, st
     base = url.rstrip("/")
     try:
         r = requests.post(f"{base}/admin/refresh", timeout=30)
-        r.raise_for_status()
     except requests.RequestException as e:
         return False, 0.0, f"could not reach {base}/admin/refresh ({type(e).__name__}: {e})"
+    if r.status_code >= 400:
+        # The app answered but will not refresh (it serves a fixed checkpoint, say): its own
+        # reason is what the user needs, not "could not reach".
+        return False, 0.0, f"{base}/admin/refresh answered {r.status_code}: {_reason(r)}"
     deadline = t0 + wait_s
     last: str | None = None
     while time.perf_counter() < deadline:
@@ -55,6 +58,14 @@ def notify_serve(url: str, version: str, wait_s: float) -> tuple[bool, float, st
         time.perf_counter() - t0,
         f"{base} still serves version {last} after {wait_s:g} s (see its /healthz rollout)",
     )
+
+
+def _reason(r: requests.Response) -> str:
+    """The message of an OpenAI-style error body, else the start of the body."""
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return r.text.strip()[:200] or r.reason
 
 
 class RolloutCoordinator:

@@ -133,6 +133,52 @@ def test_promote_without_a_registry_or_a_reachable_server(tmp_path, store, capsy
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("version", ["two", "0", "-1", "1.5", ""])
+def test_a_version_that_is_not_a_number_is_argparse_s_error(store, capsys, version) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _cli(store, "promote", "--version", version)
+    assert exc.value.code == 2
+    err = own_lines(capsys.readouterr().err)
+    assert f"argument --version: {version!r} is not a registry version" in err[-1], err
+    assert _alias(store) == "1"
+
+
+def test_an_app_that_will_not_refresh_is_named_with_its_reason(store, capsys) -> None:
+    """An app serving a fixed checkpoint answers /admin/refresh with 400 and says why; promote
+    passes that on (the alias has moved all the same)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from medgpt.api.protocol import error_body
+
+    reason = "this app serves /ckpt, not a models:/NAME@ALIAS it could follow"
+
+    class Fixed(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # http.server calls it by this name
+            body = json.dumps(error_body(reason)).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Fixed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _cli(store, "promote", "--version", "2", "--serve-url", url) == 0
+    finally:
+        server.shutdown()
+    captured = capsys.readouterr()
+    assert "version 1 -> 2" in captured.out
+    (line,) = own_lines(captured.err)
+    assert line.startswith(f"warning: {url}/admin/refresh answered 400: {reason}"), line
+    assert _alias(store) == "2"
+
+
 # --- a replica following its alias ---------------------------------------------------------
 
 
