@@ -620,11 +620,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _registry_version(text: str) -> str:
     """argparse type of --version: MLflow numbers registry versions from 1."""
-    if not text.strip().isdigit() or int(text) < 1:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a registry version: give its number (1, 2, ...)"
         )
-    return str(int(text))
+    return str(number)
 
 
 def build_parser() -> argparse.ArgumentParser:
