@@ -257,6 +257,20 @@ def test_token_id_prompts_score_like_their_text(server) -> None:
     assert answers[0]["choices"][0]["text"].startswith(text)
 
 
+def test_an_app_on_a_fixed_checkpoint_refuses_refresh_with_its_reason(server) -> None:
+    """The real route behind tests/test_rollout.py's stand-in: a 400 naming the checkpoint,
+    which medgpt promote passes on as it is."""
+    from medgpt.rollout import notify_serve
+
+    r = requests.post(f"{server['url']}/admin/refresh", timeout=30)
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert message.startswith(f"this app serves {server['checkpoint']}, not a models:/"), message
+    served, _, what = notify_serve(server["url"], "1", wait_s=5)
+    assert not served
+    assert what == f"{server['url']}/admin/refresh answered 400: {message}"
+
+
 def test_tokenizer_routes_serve_lm_evals_remote_tokenizer(server) -> None:
     """vLLM's /tokenizer_info, /tokenize and /detokenize, as lm-eval's remote tokenizer
     detects and uses them (the real lm_eval code): no tokenizer files on the client."""
